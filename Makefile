@@ -1,0 +1,37 @@
+# apq-lightning: every target installs what it needs into .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+# Data beside the project (never hard-coded in the library): override on the command line.
+SHARED ?= ../shared
+export APQ_CIFAR_ARCHIVE ?= $(SHARED)/data/cifar10-jpeg.tar.gz
+export WANDB_MODE ?= offline
+
+.PHONY: install test demo supernet bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1" || $(PY) -m pip install -q torch torchvision
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q --timeout=900 tests
+
+demo: $(STAMP)
+	$(PY) -m apq_lightning.cli fit --config recipes/supernet_tiny.yaml
+
+supernet: $(STAMP)
+	$(PY) -m apq_lightning.cli fit --config recipes/supernet_cifar.yaml --data.root $(APQ_CIFAR_ARCHIVE)
+
+bench: $(STAMP)
+	$(PY) benchmarks/supernet_step.py
+	$(PY) benchmarks/qat_step.py
+	$(PY) benchmarks/cost_eval.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache lightning_logs wandb
