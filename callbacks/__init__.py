@@ -1,0 +1,5 @@
+"""Lightning callbacks of apq-lightning (they import ``apq_lightning``, never the reverse)."""
+
+from callbacks.summary import MetricsSummary
+
+__all__ = ["MetricsSummary"]

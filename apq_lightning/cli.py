@@ -1,0 +1,51 @@
+"""Command line: ``python -m apq_lightning.cli {fit,validate,test,lut,cost} ...``.
+
+``fit``/``validate``/``test`` are LightningCLI (omegaconf parser mode, so recipes may use
+``${...}`` interpolation); the model class comes from the recipe (``model.class_path``).
+``lut`` and ``cost`` are the hardware cost-model commands.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.cli import LightningCLI
+from omegaconf import OmegaConf
+
+from apq_lightning.data import ImageDataModule
+
+
+def _phase_epochs(phases) -> int:  # noqa: ANN001 (an omegaconf ListConfig)
+    """``${phase_epochs:${model.init_args.phases}}``: trainer epochs = sum of the PS phases'."""
+    return int(sum(int(p["epochs"]) for p in phases))
+
+
+if not OmegaConf.has_resolver("phase_epochs"):
+    OmegaConf.register_new_resolver("phase_epochs", _phase_epochs)
+
+
+class APQLightningCLI(LightningCLI):
+    """LightningCLI that sizes the model's classifier from the datamodule."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("lut", "cost"):
+        from apq_lightning.hardware.commands import cost_main, lut_main
+
+        return (lut_main if argv[0] == "lut" else cost_main)(argv[1:])
+    APQLightningCLI(
+        datamodule_class=ImageDataModule,
+        subclass_mode_model=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""Progressive shrinking (stage 1) as a LightningModule.
+
+Training runs through *phases* given in the recipe, each making one more dimension elastic:
+full network → elastic kernel → elastic depth (e.g. {3,4} then {2,3,4}) → elastic width
+(coarse then fine). Every step samples ``subnets_per_step`` subnets from the current phase's
+choices, runs each on the batch and distils from the full network (CE + λ·KD).
+
+Under DDP every rank must activate the same subnet at a given step (otherwise gradients of
+different architectures would be averaged): the sampler is seeded from ``(seed, global_step)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from apq_lightning.modules.common import calibration_batches, configure_sgd_cosine, distillation_loss
+from apq_lightning.space import SearchSpace, Subnet, get_space
+from apq_lightning.supernet import Supernet, recalibrate_bn
+
+PHASE_NAMES = ("full", "kernel", "depth", "width")
+
+
+@dataclass
+class Phase:
+    """One progressive-shrinking phase.
+
+    ``name`` says which dimension this phase opens; earlier dimensions stay elastic.
+    ``kernels`` / ``depths`` restrict the sampled values (``None`` = every choice of the space);
+    ``widths``: ``max`` (largest only), ``coarse`` (expand ratios 4, 5, 6 of the block input,
+    i.e. multiples of Cin) or ``all`` (the fine-grained step-8 set).
+    """
+
+    name: Literal["full", "kernel", "depth", "width"] = "full"
+    epochs: int = 1
+    kernels: list[int] | None = None
+    depths: list[int] | None = None
+    widths: Literal["max", "coarse", "all"] | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in PHASE_NAMES:
+            raise ValueError(f"phase name {self.name!r} unknown; allowed: {list(PHASE_NAMES)}")
+        if self.epochs < 1:
+            raise ValueError(f"phase {self.name!r}: epochs must be >= 1, got {self.epochs}")
+
+
+@dataclass
+class PhaseChoices:
+    """The value sets a phase samples from (resolved against a space)."""
+
+    kernels: tuple[int, ...]
+    depths: tuple[tuple[int, ...], ...]
+    widths: tuple[tuple[int, ...], ...]
+    elastic: bool = field(default=True)
+
+
+def resolve_phase(phase: Phase, space: SearchSpace) -> PhaseChoices:
+    """Turn a phase into concrete per-stage / per-block choice sets (validated against the space)."""
+    level = PHASE_NAMES.index(phase.name)
+    kernels = tuple(space.kernel_choices) if level >= 1 else (max(space.kernel_choices),)
+    if phase.kernels is not None:
+        bad = set(phase.kernels) - set(space.kernel_choices)
+        if bad:
+            raise ValueError(f"phase {phase.name!r}: kernels {sorted(bad)} not in space {list(space.kernel_choices)}")
+        kernels = tuple(sorted(phase.kernels))
+    depths = []
+    for allowed in space.stage_depth_choices:
+        ds = allowed if level >= 2 else (max(allowed),)
+        if phase.depths is not None and len(allowed) > 1:
+            bad = set(phase.depths) - set(space.depth_choices)
+            if bad:
+                raise ValueError(f"phase {phase.name!r}: depths {sorted(bad)} not in space {list(space.depth_choices)}")
+            ds = tuple(d for d in allowed if d in phase.depths) or (max(allowed),)
+        depths.append(tuple(ds))
+    mode = phase.widths or ("all" if level >= 3 else "max")
+    widths = []
+    for blk in space.blocks:
+        if mode == "max":
+            widths.append((blk.width_choices[-1],))
+        elif mode == "coarse":
+            widths.append(tuple(w for w in blk.width_choices if w % blk.in_channels == 0))
+        else:
+            widths.append(blk.width_choices)
+    elastic = len(kernels) > 1 or any(len(d) > 1 for d in depths) or any(len(w) > 1 for w in widths)
+    return PhaseChoices(kernels, tuple(depths), tuple(widths), elastic)
+
+
+def sample_from(choices: PhaseChoices, space: SearchSpace, rng: np.random.Generator) -> Subnet:
+    depths = [int(rng.choice(d)) for d in choices.depths]
+    kernels = [int(rng.choice(choices.kernels)) for _ in space.blocks]
+    widths = [int(rng.choice(w)) for w in choices.widths]
+    return space.subnet(depths, kernels, widths)
+
+
+def default_phases(epochs: int = 1) -> list[Phase]:
+    """OFA's schedule with ``epochs`` per phase (full, kernel, depth 2×, width 2×)."""
+    return [
+        Phase("full", epochs),
+        Phase("kernel", epochs),
+        Phase("depth", epochs, depths=[3, 4]),
+        Phase("depth", epochs),
+        Phase("width", epochs, widths="coarse"),
+        Phase("width", epochs, widths="all"),
+    ]
+
+
+class SupernetModule(L.LightningModule):
+    """Trains a :class:`Supernet` with progressive shrinking + in-place distillation."""
+
+    def __init__(
+        self,
+        space: str = "apq_cifar",
+        num_classes: int = 10,
+        phases: list[Phase] | None = None,
+        subnets_per_step: int = 2,
+        kd_ratio: float = 1.0,
+        kd_temperature: float = 1.0,
+        label_smoothing: float = 0.1,
+        dropout: float = 0.0,
+        optimizer: str = "sgd",
+        lr: float = 0.05,
+        momentum: float = 0.9,
+        weight_decay: float = 4e-5,
+        warmup_epochs: float = 0.0,
+        num_random_eval: int = 2,
+        bn_calib_batches: int = 10,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.space = get_space(space)
+        self.phases = [p if isinstance(p, Phase) else Phase(**p) for p in (phases or default_phases())]
+        # Plain dicts in the checkpoint so that it loads with weights_only=True.
+        self.save_hyperparameters(ignore=["phases"])
+        self.hparams["phases"] = [asdict(p) for p in self.phases]
+        self._choices = [resolve_phase(p, self.space) for p in self.phases]
+        if subnets_per_step < 1:
+            raise ValueError(f"subnets_per_step must be >= 1, got {subnets_per_step}")
+        self.supernet = Supernet(self.space, num_classes, dropout)
+        rng = np.random.default_rng([seed, 7919])
+        self.eval_subnets: dict[str, Subnet] = {"largest": self.space.largest(), "smallest": self.space.smallest()}
+        for j in range(num_random_eval):
+            self.eval_subnets[f"random_{j}"] = self.space.sample(rng)
+        self.val_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in self.eval_subnets})
+        self._teacher: list[nn.Module] = []  # a list keeps it out of state_dict / DDP
+        self._phase_seen = -1
+        self._eval_models: dict[str, nn.Module] = {}
+
+    # ---- phases --------------------------------------------------------------------------
+    @property
+    def total_phase_epochs(self) -> int:
+        return sum(p.epochs for p in self.phases)
+
+    def phase_index(self, epoch: int | None = None) -> int:
+        """Phase of an epoch; the last phase continues if training runs longer."""
+        epoch = self.current_epoch if epoch is None else epoch
+        end = 0
+        for i, p in enumerate(self.phases):
+            end += p.epochs
+            if epoch < end:
+                return i
+        return len(self.phases) - 1
+
+    def on_fit_start(self) -> None:
+        max_epochs = self.trainer.max_epochs
+        if max_epochs is not None and 0 < max_epochs < self.total_phase_epochs and not self.trainer.fast_dev_run:
+            self.print(
+                f"warning: trainer.max_epochs={max_epochs} ends before the phases' {self.total_phase_epochs} "
+                f"epochs; later phases will not run"
+            )
+
+    def on_train_epoch_start(self) -> None:
+        idx = self.phase_index()
+        if idx != self._phase_seen:
+            self._enter_phase(idx)
+
+    def _enter_phase(self, idx: int) -> None:
+        phase = self.phases[idx]
+        if phase.name == "width":
+            # Put the most important channels first before slicing widths; momentum buffers
+            # would no longer match the permuted weights, so the optimiser state is reset.
+            self.supernet.sort_channels()
+            for opt in self.trainer.optimizers:
+                opt.state.clear()
+        if self._choices[idx].elastic and self.hparams.kd_ratio > 0:
+            self._set_teacher(self.supernet.extract(self.space.largest()))
+        self._phase_seen = idx
+        self.print(f"progressive shrinking: phase {idx} ({phase.name}) from epoch {self.current_epoch}")
+
+    def _set_teacher(self, model: nn.Module) -> None:
+        model.eval().requires_grad_(False)
+        self._teacher[:] = [model]
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        return self._teacher[0] if self._teacher else None
+
+    # ---- training ------------------------------------------------------------------------
+    def step_rng(self, j: int = 0) -> np.random.Generator:
+        """Same generator on every rank for a given (seed, global step, sub-step)."""
+        return np.random.default_rng([self.hparams.seed, self.global_step, j])
+
+    def sample_training_subnet(self, j: int = 0) -> Subnet:
+        choices = self._choices[self.phase_index()]
+        return sample_from(choices, self.space, self.step_rng(j))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.supernet(x)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        idx = self.phase_index()
+        teacher_logits = None
+        if self.teacher is not None and self._choices[idx].elastic:
+            with torch.no_grad():
+                teacher_logits = self.teacher.to(x.device)(x)
+        n = self.hparams.subnets_per_step if self._choices[idx].elastic else 1
+        total = 0.0
+        for j in range(n):
+            self.supernet.set_active(self.sample_training_subnet(j))
+            logits = self.supernet(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+            if teacher_logits is not None:
+                loss = loss + self.hparams.kd_ratio * distillation_loss(
+                    logits, teacher_logits, self.hparams.kd_temperature
+                )
+            total = total + loss / n
+        self.log("train/loss", total, prog_bar=True)
+        self.log("train/phase", float(idx))
+        return total
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        h = self.hparams
+        return configure_sgd_cosine(self, self.supernet, h.optimizer, h.lr, h.weight_decay, h.momentum, h.warmup_epochs)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    # ---- validation: largest, smallest and fixed random subnets, BN re-calibrated ----------
+    def on_validation_epoch_start(self) -> None:
+        self._eval_models = {}
+        for name, subnet in self.eval_subnets.items():
+            model = self.supernet.extract(subnet)
+            recalibrate_bn(model, calibration_batches(self.trainer, self.hparams.bn_calib_batches))
+            self._eval_models[name] = model.eval()
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        for name, model in self._eval_models.items():
+            self.val_acc[name].update(model(x), y)
+
+    def on_validation_epoch_end(self) -> None:
+        accs = {}
+        for name, metric in self.val_acc.items():
+            accs[name] = metric.compute()
+            metric.reset()
+            self.log(f"val/acc_{name}", accs[name], prog_bar=name in ("largest", "smallest"))
+        self.log("val/acc_mean", torch.stack(list(accs.values())).mean())
+        self._eval_models = {}
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["apq_phase_seen"] = self._phase_seen
+        if self.teacher is not None:
+            checkpoint["apq_teacher"] = {
+                "subnet": self.teacher.subnet.to_dict(),
+                "state_dict": self.teacher.state_dict(),
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._phase_seen = int(checkpoint.get("apq_phase_seen", -1))
+        teacher = checkpoint.get("apq_teacher")
+        if teacher is not None:
+            from apq_lightning.layers import SubnetModel
+
+            model = SubnetModel(Subnet.from_dict(teacher["subnet"]), self.hparams.num_classes)
+            model.load_state_dict(teacher["state_dict"])
+            self._set_teacher(model)
+
+
+def load_supernet(path: str, map_location: str | torch.device = "cpu") -> Supernet:
+    """The supernet of a stage-1 checkpoint (``.ckpt`` from this module), loaded safely."""
+    ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    h = ckpt.get("hyper_parameters", {})
+    if "state_dict" not in ckpt or "space" not in h:
+        raise ValueError(f"{path}: not a SupernetModule checkpoint (needs 'state_dict' and hyper_parameters.space)")
+    net = Supernet(h["space"], h["num_classes"], h.get("dropout", 0.0))
+    prefix = "supernet."
+    net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    return net

@@ -1,0 +1,291 @@
+"""Range calibration: choose the quantization range ``v`` of a tensor (DESIGN.md §5).
+
+KL method (TensorRT-style, as in APQ)
+-------------------------------------
+1. Histogram the magnitudes -- ``|x|`` for signed quantizers, ``x`` for unsigned ones -- into
+   ``B`` (default 2048) equal bins over ``(0, upper]``. Exact zeros are left out: zero is
+   exactly representable, so it would add the same mass to both distributions below and cannot
+   change which threshold wins, while a huge zero spike (post-ReLU) would otherwise smear into
+   the first quantization cell and bias the search towards tiny thresholds.
+2. For each candidate clip threshold ``T = i * upper / B`` (``i`` on a geometric grid of
+   ~160 values from ``max(qmax + 1, 16)`` to ``B``, so the relative resolution is ~3.5 %):
+
+   * reference ``P``: bins ``0..i-1``, with all mass beyond ``T`` (the outliers that will be
+     clipped) folded into bin ``i-1``;
+   * quantized ``Q``: bins ``0..i-1`` *without* the outliers, grouped exactly as the quantizer
+     rounds them -- bin ``j`` (centre ``c_j``) goes to level ``round(c_j / s)`` with
+     ``s = T / qmax`` -- and each level's mass spread uniformly back over the bins of that
+     level where ``P`` is non-zero ("expanded back");
+   * ``KL(P || Q)`` with both normalised by their totals; ``Q`` gets a tiny epsilon.
+3. ``v = min(T*, observed max)``: never larger than the data.
+
+All candidates are evaluated at once as a ``(candidates x bins)`` tensor problem (the level
+masses with one ``index_add``), so a search is a few milliseconds; index tensors are cached per
+``(bins, qmax)``. Clipping is penalised because P's last bin carries the outliers while Q's
+does not; coarse quantization is penalised because Q flattens the shape inside each level.
+
+Histograms over several batches (:class:`HistogramObserver`) are merged exactly: when a batch
+exceeds the current range, the range grows by a power of two and adjacent bins are summed, so no
+mass is ever interpolated. ``method="minmax"`` simply uses the largest magnitude.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .quantizers import CalibrationMethod, check_method, qrange
+
+__all__ = [
+    "HistogramObserver",
+    "kl_threshold",
+    "kl_thresholds",
+    "magnitude_histogram",
+    "tensor_range",
+]
+
+_EPS = 1e-12
+# Largest (rows x candidates x bins) working set of one vectorised KL step (~32 MB in float64).
+_MAX_WORK = 1 << 22
+_PER_CHANNEL_BINS = 256
+_PER_CHANNEL_CANDIDATES = 64
+
+
+def _xlogy(x: np.ndarray, y: np.ndarray | float) -> np.ndarray:
+    """``x * log(y)`` with 0 where ``x == 0`` (NumPy lacks xlogy)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x > 0, x * np.log(np.where(x > 0, y, 1.0)), 0.0)
+
+
+@lru_cache(maxsize=64)
+def _kl_grid(bins: int, qmax: int, num_candidates: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate stop bins and the bin boundaries of every quantization level per candidate.
+
+    Returns ``(cand (C,), bounds (C, L+1), last_level (C,))``: for candidate ``i = cand[c]``,
+    the bins quantized to level ``k`` are ``bounds[c, k] <= j < bounds[c, k+1]``, where bin ``j``
+    (centre ``(j + 0.5) * w``) goes to level ``round((j + 0.5) * qmax / i)`` -- exactly how the
+    quantizer with ``s = T / qmax`` rounds it. ``last_level`` is the level of bin ``i - 1``.
+    """
+    lo = min(max(qmax + 1, 16), bins)
+    grid = np.geomspace(lo, bins, num_candidates)
+    cand = np.unique(np.clip(np.round(grid).astype(np.int64), lo, bins))
+    L = qmax + 1
+    j = np.arange(bins, dtype=np.int64)
+    bounds = np.empty((cand.size, L + 1), dtype=np.int64)
+    last_level = np.empty(cand.size, dtype=np.int64)
+    for c, i in enumerate(cand):  # cached, so a small loop over candidates is fine
+        # level(j) = floor((j + 0.5) * qmax / i + 0.5) in exact integer arithmetic (ties go up)
+        level = np.minimum(((2 * j[:i] + 1) * qmax + i) // (2 * i), qmax)
+        bounds[c] = np.searchsorted(level, np.arange(L + 1), side="left")
+        last_level[c] = level[-1]
+    for arr in (cand, bounds, last_level):
+        arr.setflags(write=False)
+    return cand, bounds, last_level
+
+
+def kl_thresholds(hist: Tensor | np.ndarray, qmax: int, num_candidates: int = 160) -> np.ndarray:
+    """Best clip threshold, in bins, for each row of ``hist`` (``(N, B)`` magnitude counts).
+
+    Returns an array ``(N,)`` of thresholds in units of bin width (multiply by ``upper / B``).
+    Rows without mass return 0. Candidates beyond a row's last non-empty bin are skipped (they
+    only add empty range), except the first one that covers all the data.
+
+    Vectorised with prefix sums: because ``Q`` is constant inside a level, ``KL(P||Q)`` reduces
+    to per-level sums, so one candidate costs O(levels), not O(bins), and all candidates of all
+    rows are one array expression (chunked over rows to bound memory). NumPy rather than torch:
+    the arrays are small, and torch's intra-op threads cost more than they save at this size.
+    """
+    h_all = hist.detach().cpu().double().numpy() if isinstance(hist, Tensor) else np.asarray(hist, np.float64)
+    if h_all.ndim == 1:
+        h_all = h_all[None]
+    N, B = h_all.shape
+    cand, bounds, last_level = _kl_grid(B, qmax, num_candidates)
+    C, L = cand.size, qmax + 1
+    out = np.zeros(N, dtype=np.float64)
+    nonempty = h_all > 0
+    has_mass = nonempty.any(1)
+    need = B - np.argmax(nonempty[:, ::-1], axis=1)  # bins needed to hold all data
+    first_cover = np.searchsorted(cand, need)  # first candidate covering all data
+    valid = np.arange(C)[None, :] <= first_cover[:, None]  # (N, C)
+
+    zero = np.zeros((N, 1))
+    csum = np.concatenate([zero, h_all.cumsum(1)], 1)  # (N, B+1): mass in bins [0, j)
+    cnz = np.concatenate([zero, nonempty.cumsum(1, dtype=np.float64)], 1)  # non-empty bins in [0, j)
+    chlogh = np.concatenate([zero, _xlogy(h_all, h_all).cumsum(1)], 1)  # sum h log h over [0, j)
+    c_idx = np.arange(C)
+    rows = max(1, _MAX_WORK // (C * (L + 1)))
+    for s in range(0, N, rows):
+        e = min(N, s + rows)
+        cs, cz = csum[s:e], cnz[s:e]
+        total = cs[:, B : B + 1]  # (n, 1)
+        kept = cs[:, cand]  # (n, C) mass inside [0, T)
+        outl = total - kept  # clipped mass, folded into bin i-1 of P
+        h_last = h_all[s:e, cand - 1]  # (n, C)
+        mass = np.diff(cs[:, bounds], axis=2)  # (n, C, L) mass per level: Q before expansion
+        cnt = np.diff(cz[:, bounds], axis=2)  # non-empty bins per level
+        p_mass = mass.copy()  # P per level: Q's mass plus the outliers in the last level
+        p_mass[:, c_idx, last_level] += outl
+        cnt[:, c_idx, last_level] += (h_last == 0) & (outl > 0)  # the folded bin became non-empty
+        # sum_j P_j log P_j: bins below i-1 unchanged, bin i-1 carries the outliers
+        p_last = h_last + outl
+        plogp = chlogh[s:e, cand - 1] + _xlogy(p_last, p_last)
+        # sum_j P_j log Q_j, Q_j = level mass / non-empty bins of the level / kept (sums to 1)
+        q_level = mass / np.maximum(cnt, 1.0) / np.maximum(kept, _EPS)[:, :, None]
+        plogq = _xlogy(p_mass, q_level + _EPS).sum(2)
+        tot = np.maximum(total, _EPS)
+        kl = plogp / tot - np.log(tot) - plogq / tot
+        kl = np.where(valid[s:e], kl, np.inf)
+        out[s:e] = np.where(has_mass[s:e], cand[kl.argmin(1)], 0.0)
+    return out
+
+
+def kl_threshold(hist: Tensor, upper: float, qmax: int, num_candidates: int = 160) -> float:
+    """KL-optimal clip threshold of one magnitude histogram spanning ``(0, upper]``."""
+    B = hist.shape[-1]
+    return float(kl_thresholds(hist.reshape(1, B), qmax, num_candidates)[0]) * upper / B
+
+
+def magnitude_histogram(x: Tensor, upper: Tensor, bins: int, signed: bool) -> Tensor:
+    """Batched histogram of non-zero magnitudes: ``x`` is ``(N, M)``, ``upper`` is ``(N,)``.
+
+    Used for per-channel weights (one row per channel). Magnitude is ``|x|`` when signed, else the
+    positive part of ``x`` (negative values quantize to 0 and, like zeros, are left out).
+    """
+    mag = x.abs() if signed else x
+    N = mag.shape[0]
+    up = upper.to(mag.dtype).clamp_min(_EPS)[:, None]
+    idx = torch.floor(mag / up * bins).long().clamp_(0, bins - 1)
+    idx = idx + torch.arange(N, device=x.device)[:, None] * bins
+    weights = (mag > 0).to(torch.float64)
+    return torch.bincount(idx.reshape(-1), weights.reshape(-1), minlength=N * bins).reshape(N, bins)
+
+
+def tensor_range(
+    x: Tensor,
+    bits: int,
+    signed: bool,
+    method: CalibrationMethod = "kl",
+    bins: int = 2048,
+    ch_axis: int | None = None,
+) -> Tensor:
+    """Range ``v`` of a whole tensor (weights): a scalar, or one per slice along ``ch_axis``.
+
+    Per-channel KL uses at most 256 bins and 64 candidate thresholds: a channel rarely has more
+    than a few thousand weights (a sparser histogram makes every threshold look alike), and a
+    layer has hundreds of channels, each its own search.
+    """
+    check_method(method)
+    _, qmax = qrange(bits, signed)
+    x = x.detach().float()
+    if ch_axis is None:
+        rows = x.reshape(1, -1)
+    else:
+        rows = x.movedim(ch_axis, 0).reshape(x.shape[ch_axis], -1)
+    vmax = rows.abs().amax(1) if signed else rows.amax(1).clamp_min(0.0)
+    if method == "minmax":
+        return vmax if ch_axis is not None else vmax[0]
+    if ch_axis is None:
+        bins_eff = bins
+        up = float(vmax[0])
+        if up <= 0:
+            return vmax[0]
+        mag = rows[0].abs() if signed else rows[0]
+        hist = torch.histc(mag, bins_eff, min=up * 1e-7, max=up)[None]
+    else:
+        bins_eff = min(bins, _PER_CHANNEL_BINS)
+        hist = magnitude_histogram(rows, vmax, bins_eff, signed)
+    n_cand = 160 if ch_axis is None else _PER_CHANNEL_CANDIDATES
+    t = torch.from_numpy(kl_thresholds(hist, qmax, n_cand)).to(vmax.device) * vmax.double() / bins_eff
+    v = torch.minimum(t.float(), vmax)
+    return v if ch_axis is not None else v[0]
+
+
+class HistogramObserver:
+    """Accumulates a magnitude histogram of everything a quantizer sees during calibration.
+
+    ``signed=None`` decides the signedness from the data (unsigned iff no value was negative).
+    The histogram covers ``(0, upper]`` with ``bins`` equal bins; when a batch exceeds ``upper``
+    the range is multiplied by the smallest power of two that covers it and groups of adjacent
+    bins are summed, an exact re-binning. Plain Python object (not a module): it is calibration
+    scratch, never part of a checkpoint.
+    """
+
+    def __init__(self, bins: int = 2048, signed: bool | None = None) -> None:
+        self.bins = bins
+        self.signed = signed
+        self.hist: Tensor | None = None
+        self.upper = 0.0
+        self.min_val = math.inf
+        self.max_val = -math.inf
+        self.count = 0  # elements seen (zeros included)
+
+    @property
+    def max_abs(self) -> float:
+        return max(abs(self.min_val), abs(self.max_val)) if self.count else 0.0
+
+    def _grow(self, m: float) -> None:
+        assert self.hist is not None
+        if m <= self.upper:
+            return
+        if self.upper <= 0.0 or not bool(self.hist.any()):
+            self.upper = m
+            return
+        factor = 2 ** max(1, math.ceil(math.log2(m / self.upper)))
+        while self.upper * factor < m:
+            factor *= 2
+        B = self.bins
+        new = torch.zeros_like(self.hist)
+        if factor >= B:
+            new[0] = self.hist.sum()
+        else:
+            n_new = -(-B // factor)
+            padded = torch.cat([self.hist, self.hist.new_zeros(n_new * factor - B)])
+            new[:n_new] = padded.reshape(n_new, factor).sum(1)
+        self.hist = new
+        self.upper *= factor
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        x = x.detach()
+        if x.numel() == 0:
+            return
+        if not x.is_floating_point() or x.dtype == torch.float64:
+            x = x.float()
+        mn_t, mx_t = torch.aminmax(x)
+        mn, mx = float(mn_t), float(mx_t)
+        if not (math.isfinite(mn) and math.isfinite(mx)):
+            raise ValueError("calibration saw a non-finite activation (inf/nan); check the model and data")
+        self.count += x.numel()
+        self.min_val, self.max_val = min(self.min_val, mn), max(self.max_val, mx)
+        if self.hist is None:
+            self.hist = torch.zeros(self.bins, dtype=torch.float64, device=x.device)
+        if self.signed is False:
+            m, mag = max(mx, 0.0), x  # negatives fall below histc's range: they quantize to 0
+        else:
+            m = max(mx, -mn)
+            mag = x.abs() if mn < 0 else x
+        self._grow(m)
+        if self.upper <= 0.0:
+            return  # only zeros so far: nothing to histogram (zeros are left out on purpose)
+        if mag.dtype != torch.float32:
+            mag = mag.float()
+        self.hist += torch.histc(mag, self.bins, min=self.upper * 1e-7, max=self.upper).to(torch.float64)
+
+    def resolved_signed(self) -> bool:
+        return self.signed if self.signed is not None else self.min_val < 0
+
+    def compute_range(self, bits: int, method: CalibrationMethod = "kl") -> tuple[float, bool]:
+        """``(v, signed)`` for a ``bits``-bit quantizer from what has been observed."""
+        check_method(method)
+        if self.count == 0 or self.hist is None:
+            raise ValueError("no data observed; cannot compute a range")
+        signed = self.resolved_signed()
+        vmax = self.max_abs if signed else max(self.max_val, 0.0)
+        if method == "minmax" or vmax <= 0.0:
+            return vmax, signed
+        _, qmax = qrange(bits, signed)
+        return min(kl_threshold(self.hist, self.upper, qmax), vmax), signed

@@ -1,0 +1,435 @@
+"""Quantized Conv2d / Linear, swapping them into any model, calibration and a summary table.
+
+Everything here works on an arbitrary ``nn.Module``: layers are addressed by their qualified
+module name (``model.named_modules()``), so a bit policy of any origin (APQ's per-block
+``pw_w/pw_a/dw_w/dw_a``, a config file, a search result) plugs in as a ``{name: bits}`` mapping.
+
+Weight range during QAT
+-----------------------
+The weight range ``v`` is set by :func:`calibrate` (KL on the weight tensor, like APQ) and then
+**kept fixed** during QAT, as is the activation range: re-deriving it every step would cost a
+histogram and a KL search per layer per step and would make the quantization grid move under
+the optimiser. Weights that drift outside ``[-v, v]`` are clipped and, through the
+straight-through estimator's zero gradient outside the range, stop being pushed further. Call
+:func:`calibrate_weights` (no data needed) to re-derive the weight ranges after the weights
+changed substantially, e.g. after loading other supernet weights or a long finetune.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .quantizers import SUPPORTED_BITS, CalibrationMethod, LinearQuantizer, check_method, validate_bits
+
+__all__ = [
+    "LayerBits",
+    "QuantLayerMixin",
+    "QuantConv2d",
+    "QuantLinear",
+    "quantize_modules",
+    "quantizable_layers",
+    "calibrate",
+    "calibrate_weights",
+    "quant_summary",
+]
+
+LayerBits = Union[tuple[Union[int, None], Union[int, None]], tuple[Union[int, None], Union[int, None], Union[bool, None]]]
+"""``(w_bits, a_bits)`` or ``(w_bits, a_bits, a_signed)``; ``None`` bits = float, ``None``
+signedness = decided at calibration (unsigned iff the layer's input was never negative)."""
+
+_FLOAT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv2d, nn.Linear)
+
+
+class QuantLayerMixin:
+    """Shared part of :class:`QuantConv2d` and :class:`QuantLinear`.
+
+    The layer owns two :class:`LinearQuantizer` submodules: ``weight_quantizer`` (symmetric,
+    optionally per output channel) and ``input_quantizer`` (per tensor, signed, unsigned or
+    auto). ``w_bits`` / ``a_bits`` / ``a_signed`` read through to them, so there is a single
+    source of truth, and :func:`~apq_lightning.quant.counting.count_bitops` reads them too.
+    """
+
+    weight: nn.Parameter
+    weight_quantizer: LinearQuantizer
+    input_quantizer: LinearQuantizer
+
+    def _init_quant(
+        self,
+        w_bits: int | None,
+        a_bits: int | None,
+        a_signed: bool | None,
+        per_channel: bool,
+        method: CalibrationMethod,
+        allowed_bits: Sequence[int],
+        num_channels: int,
+    ) -> None:
+        device = self.weight.device if self.weight.device.type != "meta" else None
+        self.weight_quantizer = LinearQuantizer(
+            w_bits, True, per_channel, 0, method=method, allowed_bits=allowed_bits, num_channels=num_channels
+        ).to(device)
+        self.input_quantizer = LinearQuantizer(a_bits, a_signed, method=method, allowed_bits=allowed_bits).to(device)
+
+    @property
+    def w_bits(self) -> int | None:
+        return self.weight_quantizer.bits
+
+    @property
+    def a_bits(self) -> int | None:
+        return self.input_quantizer.bits
+
+    @property
+    def a_signed(self) -> bool | None:
+        return self.input_quantizer.signed
+
+    @property
+    def is_float(self) -> bool:
+        return self.w_bits is None and self.a_bits is None
+
+    def set_bits(self, w_bits: int | None, a_bits: int | None, a_signed: bool | None = None) -> None:
+        """Change the bit widths without new calibration data.
+
+        The weight range is re-derived from the current weight; the activation range from the
+        histogram kept by the last :func:`calibrate` (uncalibrated if there is none). This is
+        what makes "one architecture x many bit policies" cheap during MP sample collection.
+        ``a_signed=None`` keeps the current signedness (auto, or what calibration decided); an
+        explicit bool that differs from it invalidates the activation range.
+        """
+        iq = self.input_quantizer
+        if a_signed is not None and a_signed != iq.signed:
+            iq.reset()
+            iq.signed = a_signed
+        had_range = bool(self.weight_quantizer.calibrated) or bool(iq.calibrated)
+        self.weight_quantizer.set_bits(w_bits)
+        iq.set_bits(a_bits)
+        if w_bits is not None and had_range:
+            self.calibrate_weight()
+
+    def calibrate_weight(self, method: CalibrationMethod | None = None) -> None:
+        """Set the weight range from the current weight tensor (KL or min-max)."""
+        with torch.no_grad():
+            self.weight_quantizer.calibrate_from_tensor(self.weight, method)
+
+    def quantized_weight(self) -> Tensor:
+        return self.weight_quantizer(self.weight)
+
+    def _quant_repr(self) -> str:
+        sign = {True: "signed", False: "unsigned", None: "auto"}[self.a_signed]
+        return f"w_bits={self.w_bits}, a_bits={self.a_bits}, a_signed={sign}"
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    """``nn.Conv2d`` that fake-quantizes its input activation and its weight."""
+
+    def __init__(
+        self,
+        *args: Any,
+        w_bits: int | None = 8,
+        a_bits: int | None = 8,
+        a_signed: bool | None = None,
+        per_channel: bool = False,
+        method: CalibrationMethod = "kl",
+        allowed_bits: Sequence[int] = SUPPORTED_BITS,
+        **kwargs: Any,
+    ) -> None:
+        nn.Conv2d.__init__(self, *args, **kwargs)
+        self._init_quant(w_bits, a_bits, a_signed, per_channel, method, allowed_bits, self.out_channels)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, w_bits: int | None = 8, a_bits: int | None = 8, a_signed: bool | None = None, **kwargs: Any) -> QuantConv2d:
+        """Quantized twin of ``conv`` holding the *same* Parameter objects (no copy: device,
+        dtype, optimizer references and any other owner of the weights stay in sync)."""
+        with torch.device("meta"):  # skip allocating + initialising weights that are replaced
+            q = cls(
+                conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                padding_mode=conv.padding_mode, w_bits=w_bits, a_bits=a_bits, a_signed=a_signed, **kwargs,
+            )
+        q.weight, q.bias = conv.weight, conv.bias
+        q.weight_quantizer.to_empty(device=conv.weight.device).reset()
+        q.input_quantizer.to_empty(device=conv.weight.device).reset()
+        q.train(conv.training)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_repr()}"
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    """``nn.Linear`` that fake-quantizes its input activation and its weight."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        w_bits: int | None = 8,
+        a_bits: int | None = 8,
+        a_signed: bool | None = None,
+        per_channel: bool = False,
+        method: CalibrationMethod = "kl",
+        allowed_bits: Sequence[int] = SUPPORTED_BITS,
+    ) -> None:
+        nn.Linear.__init__(self, in_features, out_features, bias, device, dtype)
+        self._init_quant(w_bits, a_bits, a_signed, per_channel, method, allowed_bits, self.out_features)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, w_bits: int | None = 8, a_bits: int | None = 8, a_signed: bool | None = None, **kwargs: Any) -> QuantLinear:
+        """Quantized twin of ``linear`` holding the same Parameter objects (see QuantConv2d)."""
+        with torch.device("meta"):
+            q = cls(linear.in_features, linear.out_features, linear.bias is not None,
+                    w_bits=w_bits, a_bits=a_bits, a_signed=a_signed, **kwargs)
+        q.weight, q.bias = linear.weight, linear.bias
+        q.weight_quantizer.to_empty(device=linear.weight.device).reset()
+        q.input_quantizer.to_empty(device=linear.weight.device).reset()
+        q.train(linear.training)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self._quant_repr()}"
+
+
+# ---------------------------------------------------------------------------- model-level API
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Qualified names of the Conv2d / Linear layers (float or quantized) of ``model``."""
+    return {n: m for n, m in model.named_modules() if type(m) in _FLOAT_TYPES or isinstance(m, QuantLayerMixin)}
+
+
+def _normalise_bits(name: str, bits: Any, allowed: Sequence[int]) -> tuple[int | None, int | None, bool | None]:
+    if not isinstance(bits, (tuple, list)) or len(bits) not in (2, 3):
+        raise ValueError(f"layer {name!r}: bits must be (w_bits, a_bits) or (w_bits, a_bits, a_signed), got {bits!r}")
+    w = validate_bits(bits[0], allowed, what=f"layer {name!r} w_bits")
+    a = validate_bits(bits[1], allowed, what=f"layer {name!r} a_bits")
+    signed = bits[2] if len(bits) == 3 else None
+    if signed is not None and not isinstance(signed, bool):
+        raise ValueError(f"layer {name!r}: a_signed must be True, False or None (auto), got {signed!r}")
+    return w, a, signed
+
+
+def quantize_modules(
+    model: nn.Module,
+    layer_bits: Mapping[str, LayerBits] | None = None,
+    default: LayerBits = (8, 8),
+    method: CalibrationMethod = "kl",
+    per_channel: bool = False,
+    allowed_bits: Sequence[int] = SUPPORTED_BITS,
+    inplace: bool = True,
+) -> nn.Module:
+    """Swap every ``nn.Conv2d`` / ``nn.Linear`` of ``model`` for its quantized twin.
+
+    Args:
+        layer_bits: ``{qualified_name: (w_bits, a_bits[, a_signed])}``; layers not named get
+            ``default``. ``None`` bits keep that tensor float; ``(None, None)`` still swaps the
+            layer (an identity quantizer) so summaries and BitOps count it as 32-bit float.
+        method: default range calibration method stored in each quantizer (``"kl"``/``"minmax"``).
+        per_channel: per-output-channel weight ranges.
+        allowed_bits: the configured bit set; anything else raises ValueError naming the layer.
+        inplace: modify ``model`` (default; the new layers share the model's Parameter objects)
+            or work on a deep copy.
+
+    Only exact ``nn.Conv2d`` / ``nn.Linear`` are swapped: a subclass has its own forward (e.g. a
+    supernet's dynamic conv slicing its weight) that a swap would silently drop; such layers are
+    skipped with a warning. Layers that are already quantized are re-configured in place
+    (:meth:`QuantLayerMixin.set_bits`). Returns the (possibly new) model; call
+    :func:`calibrate` next.
+    """
+    check_method(method)
+    allowed = tuple(allowed_bits)
+    layer_bits = dict(layer_bits or {})
+    default_n = _normalise_bits("<default>", default, allowed)
+    plan = {name: _normalise_bits(name, bits, allowed) for name, bits in layer_bits.items()}
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    layers = quantizable_layers(model)
+    unknown = sorted(set(plan) - set(layers))
+    if unknown:
+        raise ValueError(
+            f"layer_bits names {len(unknown)} layer(s) that are not nn.Conv2d / nn.Linear modules of the model: "
+            f"{', '.join(map(repr, unknown[:10]))}{' ...' if len(unknown) > 10 else ''}"
+        )
+    skipped = [n for n, m in model.named_modules() if isinstance(m, _FLOAT_TYPES) and n not in layers]
+    if skipped:
+        warnings.warn(f"quantize_modules: not swapping subclasses of Conv2d/Linear: {', '.join(skipped[:10])}", stacklevel=2)
+
+    swapped: dict[int, nn.Module] = {}  # id(float module) -> its quantized twin (shared modules)
+    for name, mod in layers.items():
+        w, a, signed = plan.get(name, default_n)
+        if isinstance(mod, QuantLayerMixin):
+            mod.set_bits(w, a, signed)
+            continue
+        cls = QuantConv2d if isinstance(mod, nn.Conv2d) else QuantLinear
+        swapped[id(mod)] = cls.from_float(  # type: ignore[attr-defined]
+            mod, w, a, signed, per_channel=per_channel, method=method, allowed_bits=allowed
+        )
+    if not swapped:
+        return model
+    if id(model) in swapped:  # the model itself is a bare Conv2d / Linear
+        return swapped[id(model)]
+    for parent in model.modules():
+        for child_name, child in list(parent.named_children()):
+            if id(child) in swapped:
+                setattr(parent, child_name, swapped[id(child)])
+    return model
+
+
+def _quant_layers(model: nn.Module) -> list[tuple[str, QuantLayerMixin]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def _default_forward(model: nn.Module, batch: Any, device: torch.device) -> None:
+    """Run ``model`` on a batch: a tensor, or a tuple/list whose first item is the input."""
+    if isinstance(batch, (tuple, list)):
+        if not batch:
+            raise ValueError("calibrate() got an empty batch")
+        batch = batch[0]
+    if not isinstance(batch, Tensor):
+        raise TypeError(f"calibrate() cannot feed a batch of type {type(batch).__name__}; pass forward_fn=")
+    model(batch.to(device, non_blocking=True))
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    method: CalibrationMethod | None = None,
+    num_batches: int | None = None,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+) -> nn.Module:
+    """Choose every quantization range of ``model`` and turn quantization on.
+
+    Activation quantizers observe the batches (eval mode, no grad, float weights and
+    activations -- the statistics of the float network, as in APQ / TensorRT) and take their
+    ranges from the merged histograms; weight ranges come from the weights. ``method``
+    overrides each quantizer's configured method; ``num_batches`` caps how many batches are
+    drawn (the iterator is not advanced further); ``forward_fn(model, batch)`` replaces the
+    default ``model(batch[0])``. The training mode is restored.
+
+    Raises ValueError when no batch is seen (an empty iterable or ``num_batches=0``): a model
+    "calibrated" on nothing would silently run in float. Layers that never ran (e.g. in skipped
+    blocks) keep float activations and are reported with a warning.
+    """
+    if method is not None:
+        check_method(method)
+    if num_batches is not None and num_batches <= 0:
+        raise ValueError(f"calibrate() needs at least one batch; got num_batches={num_batches}")
+    layers = _quant_layers(model)
+    if not layers:
+        raise ValueError("calibrate(): the model has no quantized layers; call quantize_modules() first")
+    device = _model_device(model)
+    act = [(n, m.input_quantizer) for n, m in layers if m.a_bits is not None]
+    w_enabled = [m.weight_quantizer.enabled for _, m in layers]
+    was_training = model.training
+    seen = 0
+    try:
+        for _, q in act:
+            q.start_observing()
+        for _, m in layers:
+            m.weight_quantizer.enabled = False
+        model.eval()
+        with torch.no_grad():
+            it = iter(batches)
+            while num_batches is None or seen < num_batches:
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    break
+                if forward_fn is None:
+                    _default_forward(model, batch, device)
+                else:
+                    forward_fn(model, batch)
+                seen += 1
+        if seen == 0:
+            raise ValueError("calibrate() got no data: the batch iterable was empty")
+    except BaseException:
+        for _, q in act:
+            q.observing = False
+        raise
+    finally:
+        for (_, m), en in zip(layers, w_enabled):
+            m.weight_quantizer.enabled = en
+        model.train(was_training)
+
+    never_ran = [n for n, q in act if not q.stop_observing(method)]
+    for _, m in layers:
+        m.calibrate_weight(method)
+    if never_ran:
+        warnings.warn(
+            f"calibrate(): {len(never_ran)} layer(s) never ran on the calibration data and keep float "
+            f"activations: {', '.join(never_ran[:10])}{' ...' if len(never_ran) > 10 else ''}",
+            stacklevel=2,
+        )
+    return model
+
+
+def calibrate_weights(model: nn.Module, method: CalibrationMethod | None = None) -> nn.Module:
+    """Re-derive every weight range from the current weights (no data needed), e.g. after
+    loading new weights into a quantized model. Activation ranges are left as they are."""
+    for _, m in _quant_layers(model):
+        m.calibrate_weight(method)
+    return model
+
+
+def _fmt_bits(b: int | None) -> str:
+    return "float" if b is None else str(b)
+
+
+def quant_summary(model: nn.Module, include_float: bool = True) -> str:
+    """Table of every Conv2d / Linear: name, type, bits, activation signedness and ranges.
+
+    Float layers -- quantized layers with ``None`` bits, and Conv2d / Linear that were never
+    swapped -- are listed explicitly (``include_float=True``) so that a policy that leaves a layer
+    in float is visible rather than implied; the footer counts them either way.
+    """
+    rows: list[tuple[str, ...]] = []
+    n_quant = n_float = 0
+    float_names: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLayerMixin):
+            kind = type(m).__name__
+            if m.is_float:
+                n_float += 1
+                float_names.append(name or "<model>")
+                if not include_float:
+                    continue
+            else:
+                n_quant += 1
+            sign = "-" if m.a_bits is None else {True: "signed", False: "unsigned", None: "auto"}[m.a_signed]
+            rows.append((name or "<model>", kind, _fmt_bits(m.w_bits), _fmt_bits(m.a_bits), sign,
+                         m.weight_quantizer.range_str(), m.input_quantizer.range_str()))
+        elif isinstance(m, _FLOAT_TYPES):
+            n_float += 1
+            float_names.append(name or "<model>")
+            if include_float:
+                rows.append((name or "<model>", f"{type(m).__name__} (not quantized)", "float", "float", "-", "-", "-"))
+    header = ("layer", "type", "w_bits", "a_bits", "a_signed", "w_range", "a_range")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    lines.append(f"{n_quant} quantized layer(s), {n_float} float layer(s)")
+    if float_names:
+        lines.append("float: " + ", ".join(float_names))
+    return "\n".join(lines)

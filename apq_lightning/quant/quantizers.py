@@ -1,0 +1,327 @@
+"""Linear fake quantizers (DESIGN.md §5).
+
+The quantizer formula
+---------------------
+A tensor ``x`` is fake-quantized with range ``v > 0`` and bit width ``b`` as::
+
+    qmax  = 2**(b-1) - 1   (signed:   levels -qmax .. qmax, symmetric, -2**(b-1) unused)
+    qmax  = 2**b - 1       (unsigned: levels 0 .. qmax)
+    qmin  = -qmax          (signed)   or 0 (unsigned)
+    s     = v / qmax       (scale; zero point is always 0)
+    x_q   = clamp(round(x / s), qmin, qmax) * s
+
+``round`` is round-half-to-even (``torch.round`` / ``nearbyint``). Signed quantizers represent
+``[-v, v]``, unsigned ones ``[0, v]`` (negative inputs collapse to 0).  Zero is always exactly
+representable, which matters for post-ReLU activations and for padding.
+
+The op is PyTorch's own ``torch.fake_quantize_per_tensor_affine`` /
+``torch.fake_quantize_per_channel_affine`` rather than hand-written rounding: they are fused,
+run on every device and dtype, and their backward is the straight-through estimator with
+clipping -- gradient 1 where ``round(x / s)`` lies inside ``[qmin, qmax]`` and 0 outside.
+(PyTorch computes ``x * (1/s)`` rather than ``x / s``; the two differ only on exact ties.)
+
+The range ``v`` is a buffer, not a parameter: APQ chooses it once by KL calibration
+(:mod:`apq_lightning.quant.calibrate`) and keeps it fixed during QAT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "CalibrationMethod",
+    "QuantSpec",
+    "LinearQuantizer",
+    "qrange",
+    "check_method",
+    "validate_bits",
+]
+
+SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
+"""Bit widths the fake-quant ops are exercised with; anything else is rejected."""
+
+CalibrationMethod = Literal["kl", "minmax"]
+_METHODS = ("kl", "minmax")
+
+# Smallest range used to build a scale: an all-zero tensor (a dead channel) must not produce a
+# zero scale, which the fake-quant kernels reject (and 1/s would overflow).
+_MIN_RANGE = 1e-8
+
+
+def check_method(method: str) -> CalibrationMethod:
+    """Return ``method`` if it is a known calibration method, else raise ValueError."""
+    if method not in _METHODS:
+        raise ValueError(f"method = {method!r} is not supported; allowed values: {', '.join(_METHODS)}")
+    return method  # type: ignore[return-value]
+
+
+def validate_bits(
+    bits: Any, allowed: Sequence[int] = SUPPORTED_BITS, *, what: str = "bits", allow_none: bool = True
+) -> int | None:
+    """Return ``bits`` if it is an allowed bit width (or ``None`` = float), else raise ValueError.
+
+    The message names ``what`` (e.g. ``"layer 'features.3.conv' w_bits"``), the value and the
+    allowed set, because a bad policy usually comes from a config file far away from this code.
+    """
+    if bits is None and allow_none:
+        return None
+    ok = isinstance(bits, int) and not isinstance(bits, bool) and bits in tuple(allowed)
+    if not ok:
+        allowed_txt = ", ".join(str(b) for b in allowed) + (" or None (float)" if allow_none else "")
+        raise ValueError(f"{what} = {bits!r} is not supported; allowed values: {allowed_txt}")
+    return int(bits)
+
+
+def qrange(bits: int, signed: bool) -> tuple[int, int]:
+    """Integer range ``(qmin, qmax)`` of a ``bits``-bit quantizer (symmetric when signed)."""
+    if signed:
+        qmax = 2 ** (bits - 1) - 1
+        return -qmax, qmax
+    return 0, 2**bits - 1
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Configuration of one quantizer (a value type, so policies can be hashed and compared).
+
+    Attributes:
+        bits: bit width in ``SUPPORTED_BITS``; ``None`` keeps the tensor in float.
+        signed: ``True`` -> ``[-v, v]``, ``False`` -> ``[0, v]``, ``None`` -> decided at
+            calibration time (unsigned iff no negative value was observed). ``None`` is how
+            activations are configured on arbitrary models, where we cannot know statically
+            whether a layer's input comes out of a ReLU.
+        per_channel: one range per slice along ``ch_axis`` (weights only).
+        ch_axis: channel axis for per-channel ranges (0 = output channels of Conv2d/Linear).
+        method: how :func:`~apq_lightning.quant.calibrate` picks ``v``: ``"kl"`` or ``"minmax"``.
+        bins: histogram bins for the KL search.
+    """
+
+    bits: int | None = 8
+    signed: bool | None = True
+    per_channel: bool = False
+    ch_axis: int = 0
+    method: CalibrationMethod = "kl"
+    bins: int = 2048
+
+    def __post_init__(self) -> None:
+        validate_bits(self.bits)
+        check_method(self.method)
+        if self.bins < 16:
+            raise ValueError(f"bins = {self.bins} is too small for a KL search (need >= 16)")
+
+    def with_bits(self, bits: int | None) -> QuantSpec:
+        return replace(self, bits=bits)
+
+
+class LinearQuantizer(nn.Module):
+    """Fake quantizer with a fixed range ``v`` (see the module docstring for the formula).
+
+    Modes, checked in this order by :meth:`forward`:
+
+    * ``observing`` -- the input passes through unchanged and is recorded by :attr:`observer`
+      (a :class:`~apq_lightning.quant.calibrate.HistogramObserver`) for range calibration;
+    * disabled (``enabled=False``), float (``bits is None``) or not yet calibrated -- identity;
+    * otherwise fake-quantized with the stored range.
+
+    An uncalibrated quantizer is an identity on purpose: a freshly quantized model still runs
+    (e.g. for counting BitOps) and :func:`~apq_lightning.quant.quant_summary` shows the state.
+
+    State dict: ``v`` and ``calibrated`` are buffers; ``bits`` and ``signed`` travel as extra
+    state, so a checkpoint restores exactly the quantizer that produced it.
+    """
+
+    v: Tensor
+    calibrated: Tensor
+
+    def __init__(
+        self,
+        bits: int | None = 8,
+        signed: bool | None = True,
+        per_channel: bool = False,
+        ch_axis: int = 0,
+        *,
+        method: CalibrationMethod = "kl",
+        bins: int = 2048,
+        allowed_bits: Sequence[int] = SUPPORTED_BITS,
+        num_channels: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.allowed_bits = tuple(allowed_bits)
+        self.bits = validate_bits(bits, self.allowed_bits)
+        self.signed = signed
+        self.per_channel = per_channel
+        self.ch_axis = ch_axis
+        self.method = check_method(method)
+        self.bins = bins
+        self.enabled = True
+        self.observing = False
+        self.observer: Any | None = None  # HistogramObserver; untyped to avoid an import cycle
+        if bins < 16:
+            raise ValueError(f"bins = {bins} is too small for a KL search (need >= 16)")
+        self._v_shape = (num_channels,) if (per_channel and num_channels) else ()
+        self.register_buffer("v", torch.zeros(self._v_shape))
+        self.register_buffer("calibrated", torch.tensor(False))
+
+    def reset(self) -> LinearQuantizer:
+        """Forget the range (uncalibrated, ``v = 0``) and any observed histogram."""
+        with torch.no_grad():
+            if self.v.shape != self._v_shape:
+                self.v = torch.zeros(self._v_shape, device=self.v.device)
+            self.v.zero_()
+            self.calibrated.fill_(False)
+        self.observer = None
+        self.observing = False
+        return self
+
+    # ------------------------------------------------------------------ construction / config
+    @classmethod
+    def from_spec(cls, spec: QuantSpec, **kwargs: Any) -> LinearQuantizer:
+        return cls(spec.bits, spec.signed, spec.per_channel, spec.ch_axis, method=spec.method, bins=spec.bins, **kwargs)
+
+    @property
+    def spec(self) -> QuantSpec:
+        return QuantSpec(self.bits, self.signed, self.per_channel, self.ch_axis, self.method, self.bins)
+
+    @property
+    def is_quantizing(self) -> bool:
+        """True when :meth:`forward` actually fake-quantizes."""
+        return (not self.observing) and self.enabled and self.bits is not None and bool(self.calibrated)
+
+    def qrange(self) -> tuple[int, int]:
+        """``(qmin, qmax)``; an undecided signedness counts as signed."""
+        if self.bits is None:
+            raise ValueError("a float quantizer (bits=None) has no integer range")
+        return qrange(self.bits, self.signed is not False)
+
+    def scale(self) -> Tensor:
+        """``s = v / qmax`` as float32 (the dtype the fake-quant kernels want)."""
+        _, qmax = self.qrange()
+        return self.v.float().clamp_min(_MIN_RANGE) / qmax
+
+    def set_bits(self, bits: int | None) -> None:
+        """Change the bit width. The range depends on the bits under KL, so it is re-derived
+        from the retained calibration histogram when there is one and invalidated otherwise
+        (weight quantizers are re-derived by their layer, which owns the weight)."""
+        bits = validate_bits(bits, self.allowed_bits)
+        if bits == self.bits:
+            return
+        self.bits = bits
+        if bits is None:
+            return
+        if self.observer is not None and self.observer.count > 0 and not self.observing:
+            self.set_range(*self.observer.compute_range(bits, self.method))
+        else:
+            self.calibrated.fill_(False)
+
+    def set_range(self, v: Tensor | float, signed: bool | None = None) -> None:
+        """Store the range ``v`` (scalar, or one per channel) and mark the quantizer calibrated."""
+        v_t = torch.as_tensor(v, dtype=torch.float32).detach().to(self.v.device)
+        if not self.per_channel and v_t.numel() != 1:
+            raise ValueError(f"per-tensor quantizer got {v_t.numel()} ranges")
+        v_t = v_t.reshape(()) if not self.per_channel else v_t.reshape(-1)
+        if v_t.shape == self.v.shape:
+            self.v.copy_(v_t)
+        else:
+            self.v = v_t.clone()
+        if signed is not None:
+            self.signed = signed
+        self.calibrated.fill_(True)
+
+    # ------------------------------------------------------------------ observing
+    def start_observing(self) -> None:
+        """Reset and attach a histogram observer; forward passes now record instead of quantize."""
+        from .calibrate import HistogramObserver  # local import: calibrate imports this module
+
+        if self.per_channel:
+            raise NotImplementedError("range observation is per-tensor (use per_channel for weights only)")
+        self.observer = HistogramObserver(bins=self.bins, signed=self.signed)
+        self.observing = True
+
+    def stop_observing(self, method: CalibrationMethod | None = None) -> bool:
+        """Leave observe mode and set the range from what was seen.
+
+        Returns False (and leaves the quantizer uncalibrated) when nothing was observed, e.g. a
+        layer of a skipped block. The histogram is kept so :meth:`set_bits` can re-derive ``v``.
+        """
+        self.observing = False
+        if method is not None:
+            self.method = check_method(method)
+        if self.observer is None or self.observer.count == 0:
+            return False
+        if self.bits is not None:
+            v, signed = self.observer.compute_range(self.bits, self.method)
+            self.set_range(v, signed)
+        return True
+
+    def calibrate_from_tensor(self, x: Tensor, method: CalibrationMethod | None = None) -> None:
+        """Set ``v`` directly from a tensor (weights: no data needed)."""
+        from .calibrate import tensor_range
+
+        if self.bits is None:
+            return
+        method = check_method(method or self.method)
+        signed = self.signed if self.signed is not None else bool((x < 0).any())
+        v = tensor_range(
+            x.detach(), self.bits, signed, method=method, bins=self.bins,
+            ch_axis=self.ch_axis if self.per_channel else None,
+        )
+        self.set_range(v, signed)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            if self.observer is not None:
+                self.observer.update(x)
+            return x
+        if not self.is_quantizing:
+            return x
+        qmin, qmax = self.qrange()
+        scale = self.scale()
+        zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        if self.per_channel:
+            return torch.fake_quantize_per_channel_affine(x, scale, zero_point, self.ch_axis, qmin, qmax)
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zero_point.reshape(1), qmin, qmax)
+
+    # ------------------------------------------------------------------ state
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"bits": self.bits, "signed": self.signed}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.bits = validate_bits(state.get("bits", self.bits), self.allowed_bits)
+        self.signed = state.get("signed", self.signed)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+        # Per-channel ranges are shaped lazily (number of channels unknown until calibration):
+        # adopt the checkpoint's shape instead of failing on a size mismatch.
+        key = prefix + "v"
+        if key in state_dict and state_dict[key].shape != self.v.shape:
+            self.v = torch.zeros_like(state_dict[key], device=self.v.device, dtype=self.v.dtype)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def range_str(self) -> str:
+        """Human-readable range for tables: ``0.8123``, ``[0.1..0.9]`` (per channel) or ``-``."""
+        if self.bits is None:
+            return "float"
+        if not bool(self.calibrated):
+            return "uncalibrated"
+        if self.v.numel() == 1:
+            return f"{float(self.v):.4g}"
+        return f"[{float(self.v.min()):.3g}..{float(self.v.max()):.3g}]"
+
+    def extra_repr(self) -> str:
+        sign = {True: "signed", False: "unsigned", None: "auto-signed"}[self.signed]
+        parts = [f"bits={self.bits}", sign, self.method]
+        if self.per_channel:
+            parts.append(f"per_channel(axis={self.ch_axis})")
+        parts.append(f"range={self.range_str()}")
+        if not self.enabled:
+            parts.append("disabled")
+        if self.observing:
+            parts.append("observing")
+        return ", ".join(parts)

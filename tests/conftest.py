@@ -1,0 +1,35 @@
+"""Shared fixtures. Data beside the project is passed in by environment, never hard-coded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("WANDB_MODE", "offline")  # tests never talk to the W&B service
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def cifar_archive() -> Path:
+    """The shared CIFAR-10 JPEG archive from ``$APQ_CIFAR_ARCHIVE``.
+
+    Skips when it is absent (a user's checkout), but fails under ``APQ_REQUIRE_SHARED=1`` (CI,
+    ``make test``), so a mis-set path cannot silently turn the real-data tests into skips.
+    """
+    value = os.environ.get("APQ_CIFAR_ARCHIVE")
+    if value and Path(value).is_file():
+        return Path(value).resolve()
+    reason = (
+        "APQ_CIFAR_ARCHIVE is not set"
+        if not value
+        else f"APQ_CIFAR_ARCHIVE={value!r}: no such file"
+    )
+    if os.environ.get("APQ_REQUIRE_SHARED") == "1":
+        pytest.fail(
+            f"{reason}, and APQ_REQUIRE_SHARED=1 requires it (missing path: {value!r}); "
+            "point APQ_CIFAR_ARCHIVE at cifar10-jpeg.tar.gz",
+            pytrace=False,
+        )
+    pytest.skip(f"{reason} (set it to the path of cifar10-jpeg.tar.gz to run real-data tests)")

@@ -1,0 +1,433 @@
+"""Quantization primitives: quantizer formula, KL calibration, quantized layers, counting."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from apq_lightning.quant import (
+    SUPPORTED_BITS,
+    HistogramObserver,
+    LinearQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    QuantSpec,
+    calibrate,
+    count_bitops,
+    count_macs,
+    kl_thresholds,
+    layer_costs,
+    model_size_bytes,
+    quant_summary,
+    quantize_modules,
+    tensor_range,
+)
+from apq_lightning.quant import calibrate as calib_mod
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """The tensors here are tiny: intra-op threads only add contention on a shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------- quantizer formula
+def _closed_form(x: torch.Tensor, v: torch.Tensor, bits: int, signed: bool, ch_axis: int | None):
+    qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    qmin = -qmax if signed else 0
+    s = v.float() / qmax  # the scale exactly as the quantizer forms it (float32)
+    if ch_axis is not None:
+        shape = [1] * x.dim()
+        shape[ch_axis] = -1
+        s = s.reshape(shape)
+    r = x.double() / s.double()
+    ref = (torch.clamp(torch.round(r), qmin, qmax) * s.double()).float()
+    near_tie = ((r - r.floor()) - 0.5).abs() < 1e-4  # torch multiplies by 1/s: ties may differ
+    return ref, near_tie, s
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_quantizer_matches_closed_form(bits: int, signed: bool, per_channel: bool) -> None:
+    g = torch.Generator().manual_seed(bits * 10 + signed)
+    x = torch.randn(6, 5, 7, 3, generator=g) * 2
+    v = torch.rand(6, generator=g) * 2 + 0.5 if per_channel else torch.tensor(1.7)
+    q = LinearQuantizer(bits, signed, per_channel=per_channel, ch_axis=0)
+    q.set_range(v)
+    out = q(x)
+    ref, near_tie, s = _closed_form(x, v, bits, signed, 0 if per_channel else None)
+    assert near_tie.float().mean() < 0.01
+    torch.testing.assert_close(out[~near_tie], ref[~near_tie], rtol=0, atol=0)
+    assert ((out - ref).abs() <= s.expand_as(x) * 1.0001)[near_tie].all()
+    # on the grid and inside the range
+    vb = v.reshape(-1, 1, 1, 1) if per_channel else v
+    assert (out.abs() <= vb + 1e-6).all()
+    if not signed:
+        assert (out >= 0).all()
+
+
+def test_quantizer_modes_and_spec() -> None:
+    x = torch.randn(100)
+    q = LinearQuantizer.from_spec(QuantSpec(bits=4, signed=True))
+    assert torch.equal(q(x), x)  # uncalibrated -> identity
+    q.set_range(1.0)
+    assert not torch.equal(q(x), x)
+    q.enabled = False
+    assert torch.equal(q(x), x)
+    q.enabled = True
+    assert q.spec == QuantSpec(bits=4, signed=True)
+    assert "bits=4" in repr(q)
+    with pytest.raises(ValueError, match="allowed values: 2, 3, 4, 5, 6, 7, 8"):
+        LinearQuantizer(1)
+    with pytest.raises(ValueError, match="method"):
+        QuantSpec(method="mse")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_straight_through_gradient(signed: bool) -> None:
+    bits, v = 4, 1.0
+    q = LinearQuantizer(bits, signed)
+    q.set_range(v)
+    s = v / (2 ** (bits - 1) - 1 if signed else 2**bits - 1)
+    x = torch.linspace(-2.5, 2.5, 2001, requires_grad=True)
+    q(x).sum().backward()
+    lo = -v if signed else 0.0
+    inside = (x > lo + s) & (x < v - s)
+    outside = (x < lo - s) | (x > v + s)
+    assert inside.sum() > 100 and outside.sum() > 100
+    assert torch.equal(x.grad[inside], torch.ones(int(inside.sum())))
+    assert torch.equal(x.grad[outside], torch.zeros(int(outside.sum())))
+
+
+# ----------------------------------------------------------------------------- KL calibration
+def _kl_naive(hist: torch.Tensor, qmax: int, cands: list[int]) -> list[float]:
+    """Direct transcription of the TensorRT procedure, one candidate and one level at a time."""
+    h = hist.double()
+    total = h.sum()
+    out = []
+    for i in cands:
+        sliced = h[:i].clone()
+        p = sliced.clone()
+        p[i - 1] += h[i:].sum()
+        nz = p > 0
+        level = torch.floor((torch.arange(i).double() + 0.5) * qmax / i + 0.5).long().clamp(max=qmax)
+        q = torch.zeros(i, dtype=torch.float64)
+        for k in range(qmax + 1):
+            sel = level == k
+            n = int((sel & nz).sum())
+            if n:
+                q[sel & nz] = sliced[sel].sum() / n
+        pn, qn = p / total, q / max(float(sliced.sum()), 1e-12)
+        out.append(float((torch.xlogy(pn, pn) - torch.xlogy(pn, qn + 1e-12)).sum()))
+    return out
+
+
+@pytest.mark.parametrize("qmax", [1, 7, 15, 127, 255])
+def test_vectorised_kl_equals_naive(qmax: int) -> None:
+    g = torch.Generator().manual_seed(qmax)
+    x = (torch.randn(20000, generator=g) ** 3).abs()
+    hist = torch.histc(x, 512, 1e-9, float(x.max())).double()
+    hist[200:230] = 0  # holes exercise the non-empty-bin expansion
+    cand, _, _ = calib_mod._kl_grid(512, qmax, 160)
+    naive = torch.tensor(_kl_naive(hist, qmax, cand.tolist()))
+    assert float(kl_thresholds(hist, qmax)[0]) == float(cand[int(naive.argmin())])
+
+
+def _heavy_tailed(n: int = 100_000) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.distributions.Laplace(0.0, 1.0).sample((n,))
+    x[torch.randperm(n, generator=g)[:20]] = 40.0 * torch.sign(torch.randn(20, generator=g))
+    return x
+
+
+@pytest.mark.parametrize("bits", [4, 6, 8])
+def test_kl_clips_heavy_tails(bits: int) -> None:
+    x = _heavy_tailed()
+    m = float(x.abs().max())
+    v = float(tensor_range(x, bits, signed=True))
+    assert 0 < v < 0.5 * m
+    v_u = float(tensor_range(x.relu(), bits, signed=False))  # post-ReLU flavour
+    assert 0 < v_u < 0.5 * m
+    v_t = float(tensor_range(torch.distributions.StudentT(2.0).sample((50_000,)), bits, signed=True))
+    assert v_t > 0
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("signed", [True, False])
+def test_kl_keeps_uniform_range(bits: int, signed: bool) -> None:
+    x = torch.rand(100_000, generator=torch.Generator().manual_seed(1))
+    x = x * 2 - 1 if signed else x
+    m = float(x.abs().max())
+    v = float(tensor_range(x, bits, signed=signed))
+    assert 0.9 * m <= v <= m
+
+
+@pytest.mark.parametrize("dist", ["normal", "laplace", "relu", "zeros"])
+def test_kl_range_within_data(dist: str) -> None:
+    x = {"normal": torch.randn(30_000), "laplace": _heavy_tailed(30_000),
+         "relu": torch.randn(30_000).relu(), "zeros": torch.zeros(100)}[dist]
+    m = float(x.abs().max())
+    for bits in (2, 4, 8):
+        v = float(tensor_range(x, bits, signed=dist != "relu"))
+        assert (0 < v <= m) if m > 0 else v == 0
+        assert float(tensor_range(x, bits, True, method="minmax")) == m
+
+
+def test_per_channel_weight_ranges() -> None:
+    w = torch.randn(16, 8, 3, 3) * torch.linspace(0.1, 2.0, 16).reshape(-1, 1, 1, 1)
+    w[3, 0, 0, 0] = 30.0  # an outlier in one channel only
+    v = tensor_range(w, 4, True, ch_axis=0)
+    vmax = w.abs().amax((1, 2, 3))
+    assert v.shape == (16,) and (v > 0).all() and (v <= vmax).all()
+    assert v[3] < 0.5 * vmax[3]
+    assert torch.equal(tensor_range(w, 4, True, method="minmax", ch_axis=0), vmax)
+
+
+def test_histogram_observer_merges_batches() -> None:
+    obs = HistogramObserver(bins=2048, signed=None)
+    a = torch.rand(10_000)  # non-negative so far
+    b = torch.randn(10_000) * 5  # larger range, with negatives
+    obs.update(a)
+    first_upper = obs.upper
+    obs.update(b)
+    assert obs.upper >= float(b.abs().max()) and math.log2(obs.upper / first_upper) % 1 == 0
+    assert obs.hist is not None and float(obs.hist.sum()) == 20_000  # every non-zero value kept
+    v, signed = obs.compute_range(8, "kl")
+    assert signed and 0 < v <= obs.max_abs
+    assert obs.compute_range(8, "minmax") == (pytest.approx(float(b.abs().max())), True)
+    relu_obs = HistogramObserver(signed=None)
+    relu_obs.update(torch.randn(1000).relu())
+    assert relu_obs.compute_range(4)[1] is False  # never negative -> unsigned
+
+
+# ----------------------------------------------------------------------------- quantized layers
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.dw = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.project = nn.Sequential(nn.Conv2d(16, 24, 1, bias=False), nn.BatchNorm2d(24))  # no ReLU: signed output
+        self.expand = nn.Conv2d(24, 32, 1)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.project(self.dw(self.stem(x)))
+        x = torch.relu(self.expand(x)).mean((2, 3))
+        return self.head(x)
+
+
+def _net_and_data(seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    torch.manual_seed(seed)
+    net = SmallNet()
+    x = torch.randn(128, 3, 16, 16)
+    net.train()
+    with torch.no_grad():  # give BN realistic running statistics
+        for _ in range(3):
+            net(x)
+    return net.eval(), x
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_quantize_modules_replaces_and_shares_weights() -> None:
+    net, _ = _net_and_data()
+    w = net.stem[0].weight
+    names = [n for n, m in net.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    q = quantize_modules(net)
+    assert q is net
+    assert not any(type(m) in (nn.Conv2d, nn.Linear) for m in q.modules())
+    assert [n for n, m in q.named_modules() if isinstance(m, (QuantConv2d, QuantLinear))] == names
+    assert q.stem[0].weight is w  # same Parameter: device, dtype, optimizer refs preserved
+    assert "w_bits=8, a_bits=8" in repr(q.stem[0])
+    assert q.dw[0].groups == 16 and q.expand.bias is not None
+    copy_q = quantize_modules(SmallNet(), inplace=False)
+    assert isinstance(copy_q.head, QuantLinear)
+
+
+def test_calibrate_accuracy_and_signedness() -> None:
+    net, x = _net_and_data()
+    with torch.no_grad():
+        ref = net(x)
+    errs = {}
+    for bits in (8, 4):
+        q = quantize_modules(copy.deepcopy(net), default=(bits, bits))
+        calibrate(q, x.split(32))
+        with torch.no_grad():
+            errs[bits] = _rel_err(q(x), ref)
+        assert q.stem[0].a_signed is True  # raw image: signed
+        assert q.dw[0].a_signed is False and q.project[0].a_signed is False  # after ReLU6
+        assert q.expand.a_signed is True  # after BN without ReLU
+        assert not q.training or q.training == net.training
+    assert errs[8] < 0.05
+    assert errs[4] > errs[8]
+
+
+def test_summary_lists_float_layers() -> None:
+    net, x = _net_and_data()
+    q = quantize_modules(net, {"head": (None, None), "expand": (4, None, True)}, default=(6, 8))
+    calibrate(q, [x], method="minmax")
+    table = quant_summary(q)
+    head_row = next(line for line in table.splitlines() if line.startswith("head"))
+    assert "float" in head_row
+    assert "float: head" in table
+    expand_row = next(line for line in table.splitlines() if line.startswith("expand"))
+    assert expand_row.split()[2:4] == ["4", "float"]
+    assert not any(line.startswith("head ") for line in quant_summary(q, include_float=False).splitlines())
+    assert "1 float layer" in quant_summary(q, include_float=False)
+
+
+def test_calibrate_needs_data() -> None:
+    net, x = _net_and_data()
+    q = quantize_modules(net)
+    with pytest.raises(ValueError, match="no data"):
+        calibrate(q, [])
+    with pytest.raises(ValueError, match="num_batches"):
+        calibrate(q, [x], num_batches=0)
+    assert not any(isinstance(m, LinearQuantizer) and m.observing for m in q.modules())
+    with pytest.raises(ValueError, match="no quantized layers"):
+        calibrate(SmallNet(), [x])
+
+
+def test_bad_bits_name_layer_and_allowed_values() -> None:
+    net, _ = _net_and_data()
+    with pytest.raises(ValueError, match=r"'dw\.0' w_bits = 9 .*allowed values: 2, 3, 4, 5, 6, 7, 8"):
+        quantize_modules(net, {"dw.0": (9, 8)})
+    with pytest.raises(ValueError, match=r"'head' a_bits = 5 .*allowed values: 4, 6, 8"):
+        quantize_modules(net, {"head": (8, 5)}, allowed_bits=(4, 6, 8))
+    with pytest.raises(ValueError, match="not nn.Conv2d"):
+        quantize_modules(net, {"nope": (8, 8)})
+    assert isinstance(net.dw[0], nn.Conv2d) and type(net.dw[0]) is nn.Conv2d  # untouched on error
+
+
+def test_set_bits_rederives_ranges_without_data() -> None:
+    net, x = _net_and_data()
+    q = quantize_modules(net, default=(8, 8))
+    calibrate(q, [x])
+    layer = q.expand
+    v8 = float(layer.input_quantizer.v)
+    layer.set_bits(2, 2)
+    assert layer.weight_quantizer.is_quantizing and layer.input_quantizer.is_quantizing
+    assert float(layer.input_quantizer.v) <= v8
+    quantize_modules(q, {"expand": (8, 8)})  # re-configuring a quantized model works in place
+    assert float(layer.input_quantizer.v) == pytest.approx(v8)
+
+
+def test_state_dict_roundtrip() -> None:
+    net, x = _net_and_data()
+    q = quantize_modules(copy.deepcopy(net), default=(4, 6), per_channel=True)
+    calibrate(q, [x])
+    fresh = quantize_modules(copy.deepcopy(net), default=(8, 8))
+    fresh.load_state_dict(q.state_dict())
+    assert fresh.stem[0].w_bits == 4 and fresh.stem[0].a_signed is True
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), q(x))
+
+
+def test_calibration_in_chunks_of_512_images() -> None:
+    torch.manual_seed(0)
+    net = SmallNet().eval()
+    images = torch.randn(512, 3, 16, 16)
+    one = calibrate(quantize_modules(copy.deepcopy(net)), [images], method="minmax")
+    drawn = []
+
+    def chunks():
+        for i, c in enumerate(images.split(64)):
+            drawn.append(i)
+            yield c, torch.zeros(len(c))  # (x, y) batches as a DataLoader yields them
+
+    many = calibrate(quantize_modules(copy.deepcopy(net)), chunks(), method="minmax")
+    assert len(drawn) == 8
+    obs = many.stem[0].input_quantizer.observer
+    assert obs.count == images.numel()
+    for (n, a), (_, b) in zip(one.named_modules(), many.named_modules()):
+        if isinstance(a, LinearQuantizer):
+            torch.testing.assert_close(a.v, b.v, msg=n)
+    # KL from merged histograms stays close to KL on everything at once
+    kl_one = calibrate(quantize_modules(copy.deepcopy(net)), [images])
+    kl_many = calibrate(quantize_modules(copy.deepcopy(net)), images.split(64))
+    for (n, a), (_, b) in zip(kl_one.named_modules(), kl_many.named_modules()):
+        if isinstance(a, LinearQuantizer) and n.endswith("input_quantizer"):
+            assert float(b.v) == pytest.approx(float(a.v), rel=0.15), n
+    drawn.clear()
+    calibrate(quantize_modules(copy.deepcopy(net)), chunks(), num_batches=3)
+    assert len(drawn) == 3  # the iterator is not advanced past num_batches
+
+
+def test_layers_that_never_run_stay_float_with_warning() -> None:
+    net, x = _net_and_data()
+    net.unused = nn.Conv2d(3, 3, 1)
+    q = quantize_modules(net)
+    with pytest.warns(UserWarning, match="unused"):
+        calibrate(q, [x])
+    assert not q.unused.input_quantizer.is_quantizing
+    assert "uncalibrated" in quant_summary(q)
+
+
+# ----------------------------------------------------------------------------- counting
+def test_mobilenet_v2_bitops() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    m = torchvision.models.mobilenet_v2()
+    m.train()
+    bitops = count_bitops(m, (1, 3, 224, 224), 8, 8)
+    assert abs(bitops - 19.2e9) / 19.2e9 < 0.01
+    assert bitops == count_macs(m, (1, 3, 224, 224)) * 64
+    assert m.training  # mode restored
+
+
+class TwoLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, stride=2, padding=1)  # 16x16 -> 8x8
+        self.fc = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_two_layer_counts_by_hand() -> None:
+    net = TwoLayer()
+    conv_macs = (8 * 8 * 8) * (3 * 3 * 3)  # out elems x Cin/groups x kh x kw
+    fc_macs = 10 * 512
+    assert count_macs(net, (1, 3, 16, 16)) == conv_macs + fc_macs
+    assert count_macs(net, (5, 3, 16, 16)) == conv_macs + fc_macs  # per sample
+    assert count_bitops(net, (1, 3, 16, 16), 8, 8) == (conv_macs + fc_macs) * 64
+    assert count_bitops(net, (1, 3, 16, 16), None, 8) == (conv_macs + fc_macs) * 32 * 8
+
+    q = quantize_modules(copy.deepcopy(net), {"conv": (4, 6), "fc": (2, 8)})
+    assert count_bitops(q, (1, 3, 16, 16)) == conv_macs * 4 * 6 + fc_macs * 2 * 8
+    mixed = quantize_modules(copy.deepcopy(net), {"conv": (4, 6), "fc": (None, None)})
+    assert count_bitops(mixed, (1, 3, 16, 16)) == conv_macs * 4 * 6 + fc_macs * 32 * 32
+    assert [c.name for c in layer_costs(q, (1, 3, 16, 16))] == ["conv", "fc"]
+
+    # size: weights at their bits, biases at 32 bits
+    assert model_size_bytes(net) == (8 * 27 + 10 * 512) * 8 / 8 + (8 + 10) * 4
+    assert model_size_bytes(q) == 8 * 27 * 4 / 8 + 10 * 512 * 2 / 8 + (8 + 10) * 4
+    assert model_size_bytes(mixed) == 8 * 27 * 4 / 8 + 10 * 512 * 4 + (8 + 10) * 4
+
+
+def test_depthwise_macs_and_bn_size() -> None:
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4))
+    assert count_macs(net, (2, 4, 5, 5)) == 4 * 5 * 5 * 9
+    assert model_size_bytes(net, w_bits=8) == 4 * 9 + 2 * 4 * 4  # BN scale + shift at 32 bits
+
+
+def test_counting_on_calibrated_model_and_dtype() -> None:
+    net, x = _net_and_data()
+    q = quantize_modules(copy.deepcopy(net).double(), default=(4, 4))
+    assert q.stem[0].weight.dtype == torch.float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        calibrate(q, [x.double()])
+    assert q(x.double()).dtype == torch.float64
+    assert count_bitops(q, (1, 3, 16, 16)) == count_macs(net, (1, 3, 16, 16)) * 16
