@@ -15,13 +15,14 @@ from omegaconf import OmegaConf
 from apq_lightning.data import ImageDataModule
 
 
-def _phase_epochs(phases) -> int:  # noqa: ANN001 (an omegaconf ListConfig)
+def _phase_epochs(phases: list) -> int:
     """``${phase_epochs:${model.init_args.phases}}``: trainer epochs = sum of the PS phases'."""
     return int(sum(int(p["epochs"]) for p in phases))
 
 
 if not OmegaConf.has_resolver("phase_epochs"):
-    OmegaConf.register_new_resolver("phase_epochs", _phase_epochs)
+    # omegaconf >= 2.4 renamed register_new_resolver; support both.
+    (getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver)("phase_epochs", _phase_epochs)
 
 
 class APQLightningCLI(LightningCLI):

@@ -27,7 +27,7 @@ from apq_lightning.quant import (
     quantize_modules,
     tensor_range,
 )
-from apq_lightning.quant import calibrate as calib_mod
+from apq_lightning.quant.calibrate import _kl_grid  # the package attribute `calibrate` is the function
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -137,7 +137,7 @@ def test_vectorised_kl_equals_naive(qmax: int) -> None:
     x = (torch.randn(20000, generator=g) ** 3).abs()
     hist = torch.histc(x, 512, 1e-9, float(x.max())).double()
     hist[200:230] = 0  # holes exercise the non-empty-bin expansion
-    cand, _, _ = calib_mod._kl_grid(512, qmax, 160)
+    cand, _, _ = _kl_grid(512, qmax, 160)
     naive = torch.tensor(_kl_naive(hist, qmax, cand.tolist()))
     assert float(kl_thresholds(hist, qmax)[0]) == float(cand[int(naive.argmin())])
 
@@ -183,13 +183,17 @@ def test_kl_range_within_data(dist: str) -> None:
 
 
 def test_per_channel_weight_ranges() -> None:
-    w = torch.randn(16, 8, 3, 3) * torch.linspace(0.1, 2.0, 16).reshape(-1, 1, 1, 1)
-    w[3, 0, 0, 0] = 30.0  # an outlier in one channel only
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 8, 3, 3, generator=g) * torch.linspace(0.1, 2.0, 16).reshape(-1, 1, 1, 1)
     v = tensor_range(w, 4, True, ch_axis=0)
     vmax = w.abs().amax((1, 2, 3))
     assert v.shape == (16,) and (v > 0).all() and (v <= vmax).all()
-    assert v[3] < 0.5 * vmax[3]
     assert torch.equal(tensor_range(w, 4, True, method="minmax", ch_axis=0), vmax)
+    # a channel with enough weights and heavy tails is clipped; a uniform one is not
+    wide = torch.stack([_heavy_tailed(4096), torch.rand(4096, generator=g) * 2 - 1]).reshape(2, 64, 8, 8)
+    v = tensor_range(wide, 4, True, ch_axis=0)
+    vmax = wide.abs().amax((1, 2, 3))
+    assert v[0] < 0.5 * vmax[0] and v[1] >= 0.9 * vmax[1]
 
 
 def test_histogram_observer_merges_batches() -> None:
@@ -273,6 +277,18 @@ def test_calibrate_accuracy_and_signedness() -> None:
     assert errs[4] > errs[8]
 
 
+def test_qat_step_keeps_calibrated_ranges() -> None:
+    net, x = _net_and_data()
+    q = calibrate(quantize_modules(net, default=(4, 4)), x.split(64))
+    ranges = {n: b.clone() for n, b in q.named_buffers() if n.endswith(".v")}
+    opt = torch.optim.SGD(q.parameters(), lr=0.1)
+    q.train()
+    q(x[:16]).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in q.parameters() if p.dim() > 1)
+    opt.step()
+    assert all(torch.equal(b, ranges[n]) for n, b in q.named_buffers() if n.endswith(".v"))
+
+
 def test_summary_lists_float_layers() -> None:
     net, x = _net_and_data()
     q = quantize_modules(net, {"head": (None, None), "expand": (4, None, True)}, default=(6, 8))
@@ -321,6 +337,13 @@ def test_set_bits_rederives_ranges_without_data() -> None:
     assert float(layer.input_quantizer.v) <= v8
     quantize_modules(q, {"expand": (8, 8)})  # re-configuring a quantized model works in place
     assert float(layer.input_quantizer.v) == pytest.approx(v8)
+    # a layer calibrated while float can be quantized later without data
+    net2, _ = _net_and_data()
+    q2 = calibrate(quantize_modules(net2, {"head": (None, None)}), [x])
+    assert not q2.head.input_quantizer.is_quantizing
+    q2.head.set_bits(6, 6)
+    assert q2.head.input_quantizer.is_quantizing and q2.head.weight_quantizer.is_quantizing
+    assert q2.head.a_signed is False  # decided from the histogram kept during calibration
 
 
 def test_state_dict_roundtrip() -> None:

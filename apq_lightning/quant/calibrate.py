@@ -3,26 +3,30 @@
 KL method (TensorRT-style, as in APQ)
 -------------------------------------
 1. Histogram the magnitudes -- ``|x|`` for signed quantizers, ``x`` for unsigned ones -- into
-   ``B`` (default 2048) equal bins over ``(0, upper]``. Exact zeros are left out: zero is
-   exactly representable, so it would add the same mass to both distributions below and cannot
-   change which threshold wins, while a huge zero spike (post-ReLU) would otherwise smear into
-   the first quantization cell and bias the search towards tiny thresholds.
-2. For each candidate clip threshold ``T = i * upper / B`` (``i`` on a geometric grid of
-   ~160 values from ``max(qmax + 1, 16)`` to ``B``, so the relative resolution is ~3.5 %):
+   ``B`` (default 2048) equal bins ``(j w, (j+1) w]`` over ``(0, upper]``. Exact zeros are
+   left out: zero is exactly representable, so it adds the same mass to both distributions
+   below and cannot change which threshold wins, while a huge zero spike (post-ReLU) would
+   otherwise smear into the first quantization cell and bias the search towards tiny ranges.
+2. For each candidate clip threshold ``T = i * w`` (``i`` on a geometric grid of ~160 values
+   from ``max(qmax + 1, 16)`` to ``B``, i.e. ~3.5 % relative resolution):
 
    * reference ``P``: bins ``0..i-1``, with all mass beyond ``T`` (the outliers that will be
      clipped) folded into bin ``i-1``;
    * quantized ``Q``: bins ``0..i-1`` *without* the outliers, grouped exactly as the quantizer
-     rounds them -- bin ``j`` (centre ``c_j``) goes to level ``round(c_j / s)`` with
-     ``s = T / qmax`` -- and each level's mass spread uniformly back over the bins of that
+     rounds them -- bin ``j`` (centre ``(j + 0.5) w``) goes to level ``round((j + 0.5) w / s)``
+     with ``s = T / qmax`` -- and each level's mass spread uniformly back over the bins of that
      level where ``P`` is non-zero ("expanded back");
-   * ``KL(P || Q)`` with both normalised by their totals; ``Q`` gets a tiny epsilon.
+   * ``KL(P || Q)`` with both normalised to sum 1; ``Q`` gets an epsilon of 1e-12.
 3. ``v = min(T*, observed max)``: never larger than the data.
 
-All candidates are evaluated at once as a ``(candidates x bins)`` tensor problem (the level
-masses with one ``index_add``), so a search is a few milliseconds; index tensors are cached per
-``(bins, qmax)``. Clipping is penalised because P's last bin carries the outliers while Q's
-does not; coarse quantization is penalised because Q flattens the shape inside each level.
+Clipping is penalised because P's last bin carries the outliers while Q's does not; coarse
+quantization is penalised because Q flattens the shape inside each level.
+
+Speed: Q is constant inside a level, so ``KL(P||Q)`` reduces to per-level sums read off prefix
+sums of the histogram -- O(levels) per candidate instead of O(bins) -- and all candidates are
+one NumPy expression (level boundaries cached per ``(bins, qmax)``): ~0.5 ms per search at 8
+bits, ~3 ms for 8-bit unsigned (256 levels). The tests check it against a direct
+one-candidate-at-a-time transcription of the procedure.
 
 Histograms over several batches (:class:`HistogramObserver`) are merged exactly: when a batch
 exceeds the current range, the range grows by a power of two and adjacent bins are summed, so no
@@ -49,7 +53,7 @@ __all__ = [
 ]
 
 _EPS = 1e-12
-# Largest (rows x candidates x bins) working set of one vectorised KL step (~32 MB in float64).
+# Largest (rows x candidates x levels) working set of one vectorised KL step (~32 MB in float64).
 _MAX_WORK = 1 << 22
 _PER_CHANNEL_BINS = 256
 _PER_CHANNEL_CANDIDATES = 64
@@ -152,16 +156,17 @@ def kl_threshold(hist: Tensor, upper: float, qmax: int, num_candidates: int = 16
 def magnitude_histogram(x: Tensor, upper: Tensor, bins: int, signed: bool) -> Tensor:
     """Batched histogram of non-zero magnitudes: ``x`` is ``(N, M)``, ``upper`` is ``(N,)``.
 
-    Used for per-channel weights (one row per channel). Magnitude is ``|x|`` when signed, else the
-    positive part of ``x`` (negative values quantize to 0 and, like zeros, are left out).
+    Used for per-channel weights (one row per channel); same bins as the observer's,
+    ``(j w, (j+1) w]`` per row. Magnitude is ``|x|`` when signed, else the positive part of
+    ``x`` (negative values quantize to 0 and, like zeros, are left out).
     """
-    mag = x.abs() if signed else x
+    mag = x.abs() if signed else x.clamp_min(0.0)
     N = mag.shape[0]
-    up = upper.to(mag.dtype).clamp_min(_EPS)[:, None]
-    idx = torch.floor(mag / up * bins).long().clamp_(0, bins - 1)
-    idx = idx + torch.arange(N, device=x.device)[:, None] * bins
-    weights = (mag > 0).to(torch.float64)
-    return torch.bincount(idx.reshape(-1), weights.reshape(-1), minlength=N * bins).reshape(N, bins)
+    scale = bins / upper.to(mag.dtype).clamp_min(_EPS)[:, None]
+    idx = torch.mul(mag, scale).ceil_().long().clamp_(0, bins)
+    idx += torch.arange(N, device=x.device)[:, None] * (bins + 1)
+    counts = torch.bincount(idx.reshape(-1), minlength=N * (bins + 1)).reshape(N, bins + 1)
+    return counts[:, 1:].to(torch.float64)
 
 
 def tensor_range(
@@ -193,8 +198,8 @@ def tensor_range(
         up = float(vmax[0])
         if up <= 0:
             return vmax[0]
-        mag = rows[0].abs() if signed else rows[0]
-        hist = torch.histc(mag, bins_eff, min=up * 1e-7, max=up)[None]
+        mag = rows[0].abs() if signed else rows[0].clamp_min(0.0)
+        hist = _fast_histogram(mag, bins_eff, up)[None]
     else:
         bins_eff = min(bins, _PER_CHANNEL_BINS)
         hist = magnitude_histogram(rows, vmax, bins_eff, signed)
@@ -202,6 +207,18 @@ def tensor_range(
     t = torch.from_numpy(kl_thresholds(hist, qmax, n_cand)).to(vmax.device) * vmax.double() / bins_eff
     v = torch.minimum(t.float(), vmax)
     return v if ch_axis is not None else v[0]
+
+
+def _fast_histogram(mag: Tensor, bins: int, upper: float) -> Tensor:
+    """Histogram (float64) of the non-zero values of a non-negative tensor: ``bins`` bins
+    ``(j w, (j+1) w]`` with ``w = upper / bins``.
+
+    ``ceil(mag / w)`` is 0 exactly for zeros, which are thereby dropped (they are exactly
+    representable and left out of the KL search on purpose) -- one fused pass plus ``bincount``,
+    several times faster than ``torch.histc`` on CPU.
+    """
+    idx = torch.mul(mag, bins / upper).ceil_().to(torch.int32).clamp_(0, bins)
+    return torch.bincount(idx, minlength=bins + 1)[1:].to(torch.float64)
 
 
 class HistogramObserver:
@@ -212,6 +229,11 @@ class HistogramObserver:
     the range is multiplied by the smallest power of two that covers it and groups of adjacent
     bins are summed, an exact re-binning. Plain Python object (not a module): it is calibration
     scratch, never part of a checkpoint.
+
+    Every element is histogrammed (one fused pass + ``bincount``, ~2-3 ns per element on one CPU
+    core, far below the convolution that produced it). Random subsampling was tried and
+    rejected: the KL optimum is decided by the sparse tail, and sampling noise there moved the
+    chosen range by up to ~17 % between runs.
     """
 
     def __init__(self, bins: int = 2048, signed: bool | None = None) -> None:
@@ -263,17 +285,15 @@ class HistogramObserver:
         self.min_val, self.max_val = min(self.min_val, mn), max(self.max_val, mx)
         if self.hist is None:
             self.hist = torch.zeros(self.bins, dtype=torch.float64, device=x.device)
-        if self.signed is False:
-            m, mag = max(mx, 0.0), x  # negatives fall below histc's range: they quantize to 0
-        else:
-            m = max(mx, -mn)
-            mag = x.abs() if mn < 0 else x
+        # unsigned: negatives quantize to 0 and are histogrammed like zeros (left out)
+        m = max(mx, 0.0) if self.signed is False else max(mx, -mn)
         self._grow(m)
         if self.upper <= 0.0:
             return  # only zeros so far: nothing to histogram (zeros are left out on purpose)
-        if mag.dtype != torch.float32:
-            mag = mag.float()
-        self.hist += torch.histc(mag, self.bins, min=self.upper * 1e-7, max=self.upper).to(torch.float64)
+        flat = x.reshape(-1)
+        if mn < 0:  # |x| for signed / undecided; unsigned: negatives quantize to 0, like zeros
+            flat = flat.abs() if self.signed is not False else flat.clamp_min(0.0)
+        self.hist += _fast_histogram(flat, self.bins, self.upper)
 
     def resolved_signed(self) -> bool:
         return self.signed if self.signed is not None else self.min_val < 0

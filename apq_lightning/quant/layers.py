@@ -105,10 +105,10 @@ class QuantLayerMixin:
         if a_signed is not None and a_signed != iq.signed:
             iq.reset()
             iq.signed = a_signed
-        had_range = bool(self.weight_quantizer.calibrated) or bool(iq.calibrated)
+        had_range = self.weight_quantizer.is_calibrated or iq.is_calibrated or iq.observer is not None
         self.weight_quantizer.set_bits(w_bits)
         iq.set_bits(a_bits)
-        if w_bits is not None and had_range:
+        if w_bits is not None and had_range and not self.weight_quantizer.is_calibrated:
             self.calibrate_weight()
 
     def calibrate_weight(self, method: CalibrationMethod | None = None) -> None:
@@ -244,9 +244,10 @@ def quantize_modules(
 
     Only exact ``nn.Conv2d`` / ``nn.Linear`` are swapped: a subclass has its own forward (e.g. a
     supernet's dynamic conv slicing its weight) that a swap would silently drop; such layers are
-    skipped with a warning. Layers that are already quantized are re-configured in place
-    (:meth:`QuantLayerMixin.set_bits`). Returns the (possibly new) model; call
-    :func:`calibrate` next.
+    skipped with a warning. Layers that are already quantized get their bits re-configured in
+    place (:meth:`QuantLayerMixin.set_bits`; ``per_channel`` / ``method`` apply to new swaps
+    only). Returns the model (a new object only for ``inplace=False`` or when ``model`` itself
+    is a bare Conv2d / Linear); call :func:`calibrate` next.
     """
     check_method(method)
     allowed = tuple(allowed_bits)
@@ -339,7 +340,8 @@ def calibrate(
     if not layers:
         raise ValueError("calibrate(): the model has no quantized layers; call quantize_modules() first")
     device = _model_device(model)
-    act = [(n, m.input_quantizer) for n, m in layers if m.a_bits is not None]
+    # float activations are observed too, so that set_bits() can later quantize them without data
+    act = [(n, m.input_quantizer) for n, m in layers]
     w_enabled = [m.weight_quantizer.enabled for _, m in layers]
     was_training = model.training
     seen = 0
@@ -372,7 +374,7 @@ def calibrate(
             m.weight_quantizer.enabled = en
         model.train(was_training)
 
-    never_ran = [n for n, q in act if not q.stop_observing(method)]
+    never_ran = [n for n, q in act if not q.stop_observing(method) and q.bits is not None]
     for _, m in layers:
         m.calibrate_weight(method)
     if never_ran:

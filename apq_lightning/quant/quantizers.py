@@ -132,8 +132,9 @@ class LinearQuantizer(nn.Module):
     An uncalibrated quantizer is an identity on purpose: a freshly quantized model still runs
     (e.g. for counting BitOps) and :func:`~apq_lightning.quant.quant_summary` shows the state.
 
-    State dict: ``v`` and ``calibrated`` are buffers; ``bits`` and ``signed`` travel as extra
-    state, so a checkpoint restores exactly the quantizer that produced it.
+    State dict: ``v`` and ``calibrated`` are buffers; ``bits``, ``signed``, ``per_channel`` and
+    ``ch_axis`` travel as extra state, so a checkpoint restores exactly the quantizer that
+    produced it (whatever policy the receiving model was built with).
     """
 
     v: Tensor
@@ -167,6 +168,9 @@ class LinearQuantizer(nn.Module):
         self._v_shape = (num_channels,) if (per_channel and num_channels) else ()
         self.register_buffer("v", torch.zeros(self._v_shape))
         self.register_buffer("calibrated", torch.tensor(False))
+        # Python mirror of the `calibrated` buffer: forward() must not read a device tensor
+        # (a GPU sync per quantizer per step, and a graph break under torch.compile).
+        self.is_calibrated = False
 
     def reset(self) -> LinearQuantizer:
         """Forget the range (uncalibrated, ``v = 0``) and any observed histogram."""
@@ -174,7 +178,7 @@ class LinearQuantizer(nn.Module):
             if self.v.shape != self._v_shape:
                 self.v = torch.zeros(self._v_shape, device=self.v.device)
             self.v.zero_()
-            self.calibrated.fill_(False)
+        self._set_calibrated(False)
         self.observer = None
         self.observing = False
         return self
@@ -191,7 +195,12 @@ class LinearQuantizer(nn.Module):
     @property
     def is_quantizing(self) -> bool:
         """True when :meth:`forward` actually fake-quantizes."""
-        return (not self.observing) and self.enabled and self.bits is not None and bool(self.calibrated)
+        return (not self.observing) and self.enabled and self.bits is not None and self.is_calibrated
+
+    def _set_calibrated(self, flag: bool) -> None:
+        with torch.no_grad():
+            self.calibrated.fill_(flag)
+        self.is_calibrated = flag
 
     def qrange(self) -> tuple[int, int]:
         """``(qmin, qmax)``; an undecided signedness counts as signed."""
@@ -217,7 +226,7 @@ class LinearQuantizer(nn.Module):
         if self.observer is not None and self.observer.count > 0 and not self.observing:
             self.set_range(*self.observer.compute_range(bits, self.method))
         else:
-            self.calibrated.fill_(False)
+            self._set_calibrated(False)
 
     def set_range(self, v: Tensor | float, signed: bool | None = None) -> None:
         """Store the range ``v`` (scalar, or one per channel) and mark the quantizer calibrated."""
@@ -231,7 +240,7 @@ class LinearQuantizer(nn.Module):
             self.v = v_t.clone()
         if signed is not None:
             self.signed = signed
-        self.calibrated.fill_(True)
+        self._set_calibrated(True)
 
     # ------------------------------------------------------------------ observing
     def start_observing(self) -> None:
@@ -254,7 +263,7 @@ class LinearQuantizer(nn.Module):
             self.method = check_method(method)
         if self.observer is None or self.observer.count == 0:
             return False
-        if self.bits is not None:
+        if self.bits is not None:  # a float quantizer keeps its histogram for a later set_bits()
             v, signed = self.observer.compute_range(self.bits, self.method)
             self.set_range(v, signed)
         return True
@@ -263,9 +272,11 @@ class LinearQuantizer(nn.Module):
         """Set ``v`` directly from a tensor (weights: no data needed)."""
         from .calibrate import tensor_range
 
+        if method is not None:
+            self.method = check_method(method)
         if self.bits is None:
             return
-        method = check_method(method or self.method)
+        method = self.method
         signed = self.signed if self.signed is not None else bool((x < 0).any())
         v = tensor_range(
             x.detach(), self.bits, signed, method=method, bins=self.bins,
@@ -290,11 +301,14 @@ class LinearQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
-        return {"bits": self.bits, "signed": self.signed}
+        return {"bits": self.bits, "signed": self.signed, "per_channel": self.per_channel, "ch_axis": self.ch_axis}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.bits = validate_bits(state.get("bits", self.bits), self.allowed_bits)
         self.signed = state.get("signed", self.signed)
+        self.per_channel = bool(state.get("per_channel", self.per_channel))
+        self.ch_axis = int(state.get("ch_axis", self.ch_axis))
+        self.observer = None  # a histogram of other data/bits would mislead set_bits()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
         # Per-channel ranges are shaped lazily (number of channels unknown until calibration):
@@ -303,12 +317,13 @@ class LinearQuantizer(nn.Module):
         if key in state_dict and state_dict[key].shape != self.v.shape:
             self.v = torch.zeros_like(state_dict[key], device=self.v.device, dtype=self.v.dtype)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        self.is_calibrated = bool(self.calibrated)
 
     def range_str(self) -> str:
-        """Human-readable range for tables: ``0.8123``, ``[0.1..0.9]`` (per channel) or ``-``."""
+        """Range for tables: ``0.8123``, ``[0.1..0.9]`` (per channel), ``uncalibrated`` or ``float``."""
         if self.bits is None:
             return "float"
-        if not bool(self.calibrated):
+        if not self.is_calibrated:
             return "uncalibrated"
         if self.v.numel() == 1:
             return f"{float(self.v):.4g}"
