@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 # Data beside the project (never hard-coded in the library): override on the command line.
 SHARED ?= ../shared
-export APQ_CIFAR_ARCHIVE ?= $(SHARED)/data/cifar10-jpeg.tar.gz
+export APQ_CIFAR_ARCHIVE ?= $(abspath $(SHARED))/data/cifar10-jpeg.tar.gz
 export WANDB_MODE ?= offline
 
 .PHONY: install test demo supernet bench clean
@@ -23,10 +23,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900 tests
 
 demo: $(STAMP)
-	$(PY) -m apq_lightning.cli fit --config recipes/supernet_tiny.yaml
+	$(PY) -m apq_lightning.cli fit --config recipes/supernet_tiny.yaml --ckpt_path last
 
 supernet: $(STAMP)
-	$(PY) -m apq_lightning.cli fit --config recipes/supernet_cifar.yaml --data.root $(APQ_CIFAR_ARCHIVE)
+	$(PY) -m apq_lightning.cli fit --config recipes/supernet_cifar.yaml --data.root $(APQ_CIFAR_ARCHIVE) --ckpt_path last
 
 bench: $(STAMP)
 	$(PY) benchmarks/supernet_step.py

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from itertools import islice
 from typing import Any
 
@@ -56,5 +56,8 @@ def calibration_batches(trainer: L.Trainer | None, num_batches: int, batch_size:
     return islice(iter(trainer.train_dataloader), num_batches)
 
 
-def first_batches(loader: Iterable, n: int) -> list:
-    return list(islice(iter(loader), n))
+def to_channels_last(batch: Any) -> Any:
+    """``(images, labels)`` with the images in NHWC memory layout (a no-op for other tensors)."""
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor) and batch[0].dim() == 4:
+        return type(batch)([batch[0].contiguous(memory_format=torch.channels_last), *batch[1:]])
+    return batch

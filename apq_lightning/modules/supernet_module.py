@@ -21,7 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from apq_lightning.modules.common import calibration_batches, configure_sgd_cosine, distillation_loss
+from apq_lightning.modules.common import (
+    calibration_batches,
+    configure_sgd_cosine,
+    distillation_loss,
+    to_channels_last,
+)
 from apq_lightning.space import SearchSpace, Subnet, get_space
 from apq_lightning.supernet import Supernet, recalibrate_bn
 
@@ -132,6 +137,7 @@ class SupernetModule(L.LightningModule):
         num_random_eval: int = 2,
         bn_calib_batches: int = 10,
         seed: int = 0,
+        channels_last: bool = True,
     ) -> None:
         super().__init__()
         self.space = get_space(space)
@@ -151,6 +157,16 @@ class SupernetModule(L.LightningModule):
         self._teacher: list[nn.Module] = []  # a list keeps it out of state_dict / DDP
         self._phase_seen = -1
         self._eval_models: dict[str, nn.Module] = {}
+
+    # ---- memory format -------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Before DDP wraps the model. NHWC makes depthwise convs (the bulk of an MBConv net's
+        # time on CPU) ~3x faster to train; it is also the fast layout for mixed precision.
+        if self.hparams.channels_last:
+            self.supernet.to(memory_format=torch.channels_last)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return to_channels_last(batch) if self.hparams.channels_last else batch
 
     # ---- phases --------------------------------------------------------------------------
     @property
@@ -247,6 +263,8 @@ class SupernetModule(L.LightningModule):
         self._eval_models = {}
         for name, subnet in self.eval_subnets.items():
             model = self.supernet.extract(subnet)
+            if self.hparams.channels_last:
+                model.to(memory_format=torch.channels_last)
             recalibrate_bn(model, calibration_batches(self.trainer, self.hparams.bn_calib_batches))
             self._eval_models[name] = model.eval()
 
