@@ -268,14 +268,20 @@ class Supernet(nn.Module):
         self.space.check(subnet)
         ref = next(self.parameters())
         model = SubnetModel(subnet, self.num_classes, self.dropout.p).to(device=ref.device, dtype=ref.dtype)
-        model.stem.load_state_dict(self.stem.state_dict())
-        model.first.load_state_dict(self.first.state_dict())
-        model.head.load_state_dict(self.head.state_dict())
-        model.classifier.load_state_dict(self.classifier.state_dict())
+        for name in ("stem", "first", "head", "classifier"):
+            _copy_float_state(getattr(self, name), getattr(model, name))
         for static, i in zip(model.blocks, subnet.active_blocks):
             _copy_block(self.blocks[i], static, subnet.kernels[i], subnet.widths[i])
         model.train(self.training)
         return model
+
+
+def _copy_float_state(src: nn.Module, dst: nn.Module) -> None:
+    """Copy ``src``'s weights and BN buffers into ``dst`` by name. Entries that ``dst`` lacks
+    (quantizer ranges of a quantized supernet's fixed layers) are left out: an extracted model
+    is always float; every entry of ``dst`` must be present."""
+    want = dst.state_dict()
+    dst.load_state_dict({k: v for k, v in src.state_dict().items() if k in want})
 
 
 def _copy_block(dyn: DynamicMBConv, static: InvertedResidual, kernel: int, mid: int) -> None:

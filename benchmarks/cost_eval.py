@@ -6,7 +6,12 @@
 (goal: vectorised latency + energy + BitOps of 10k candidates <= 50 ms), and checks that both
 paths agree.
 
-    python benchmarks/cost_eval.py [--n 10000] [--hardware bitfusion] [--loop-n 2000]
+    python benchmarks/cost_eval.py [--n 10000] [--hardware bitfusion] [--loop-n 2000] [--fit]
+
+``--fit`` adds the report of the regression fitted to the BitFusion table (issue 4 item 6):
+held-out error with whole layer shapes held out (GroupKFold), a trivial baseline, and the
+Spearman rank agreement of fitted vs exact whole-network latency of 1,000 random subnets
+(in-sample fit, and out-of-fold: every layer priced by a fit that never saw its shape).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loop-n", type=int, default=None, help="subnets for the loop (default: all n)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fit", action="store_true", help="also report the BitFusion fit's errors")
     args = p.parse_args(argv)
 
     space = get_space(args.space)
@@ -71,7 +77,41 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  ratio loop / vectorised: {loop_s / vec_s:.0f}x   (both paths agree on every metric)")
     print(f"  feasible: {vec['feasible'].mean():.1%} of random genomes (7x7 depthwise with 4-bit "
           f"activations is infeasible on BitFusion)")
+    if args.fit:
+        fit_report(args.seed)
     return 0
+
+
+def fit_report(seed: int) -> None:
+    """Held-out and network-level accuracy of the fit of the BitFusion table."""
+    from apq_lightning.hardware import BitFusionCost, FittedBitFusionCost, LayerwiseCost, cross_validate
+    from apq_lightning.hardware.cost import TablePricer
+    from apq_lightning.hardware.fit import rank_agreement
+
+    t0 = time.perf_counter()
+    r = cross_validate(n_splits=5)
+    cv_s = time.perf_counter() - t0
+    print(f"\nBitFusion fit, GroupKFold(5) over {r.n_shapes} layer shapes ({r.n_entries} entries), {cv_s:.0f} s:")
+    for t, goal in (("latency", 0.05), ("energy", 0.08)):
+        by_type = r.median_ape_by_type
+        print(f"  {t:8s} median APE {100 * r.median_ape[t]:5.2f}% (goal <= {100 * goal:.0f}%)  mean "
+              f"{100 * r.mean_ape[t]:5.2f}%  p95 {100 * r.p95_ape[t]:5.2f}%  | pw {100 * by_type['pw'][t]:.2f}%"
+              f" dw {100 * by_type['dw'][t]:.2f}%  | baseline c*MACs {100 * r.baseline_median_ape[t]:5.1f}%")
+    space = get_space("apq_imagenet")
+    genomes = space.sample_genomes(seed + 1, 1000)
+    sl = space.genome_slices()  # make every subnet feasible: 7x7 depthwise at A4 -> A6
+    k7 = genomes[:, sl["kernels"]] == space.kernel_choices.index(7)
+    genomes[:, sl["dw_a"]][k7 & (genomes[:, sl["dw_a"]] == 0)] = 1
+    exact = BitFusionCost().evaluate(genomes)
+    fitted = FittedBitFusionCost(space).evaluate(genomes)
+    oof = LayerwiseCost(space, TablePricer(r.out_of_fold), "oof").evaluate(genomes)
+    ok = exact["feasible"]
+    for name, res in (("fitted (in-sample)", fitted), ("out-of-fold", oof)):
+        rho = rank_agreement(res["latency_ms"][ok], exact["latency_ms"][ok])
+        rho_e = rank_agreement(res["energy_mJ"][ok], exact["energy_mJ"][ok])
+        ape = np.abs(res["latency_ms"][ok] / exact["latency_ms"][ok] - 1)
+        print(f"  1000 random subnets ({ok.sum()} feasible), {name:18s}: Spearman latency {rho:.4f} "
+              f"(goal >= 0.98), energy {rho_e:.4f}; network latency median APE {100 * np.median(ape):.2f}%")
 
 
 if __name__ == "__main__":

@@ -329,8 +329,13 @@ def test_fit_held_out_goals(fit_report):
 
 def test_fit_network_rank_agreement(bitfusion, fit_report):
     genomes = IMAGENET.sample_genomes(11, 1000)
+    sl = IMAGENET.genome_slices()  # 7x7 depthwise at A4 -> A6, so all 1000 are feasible
+    dw_a = genomes[:, sl["dw_a"]]
+    dw_a[(genomes[:, sl["kernels"]] == 2) & (dw_a == 0)] = 1
+    genomes[:, sl["dw_a"]] = dw_a
     exact = bitfusion.evaluate(genomes)
     ok = exact["feasible"]
+    assert ok.all()
     fitted = FittedBitFusionCost("apq_imagenet").evaluate(genomes)
     assert np.array_equal(fitted["feasible"], ok) and set(fitted["source"]) == {"fit"}
     assert spearmanr(fitted["latency_ms"][ok], exact["latency_ms"][ok]).statistic >= 0.98
@@ -345,8 +350,9 @@ def test_fit_prices_other_spaces_and_bits_matter(space):
     sp = get_space(space)
     model = get_cost_model("bitfusion", space)
     arch = sp.sample(5)
-    lat = [model.costs(arch.with_bits(b))["latency_ms"] for b in (4, 6, 8)]
-    en = [model.costs(arch.with_bits(b))["energy_mJ"] for b in (4, 6, 8)]
+    policies = [sp.uniform_policy(b) for b in ((4, 4, 4, 6), (6, 6, 6, 6), (8, 8, 8, 8))]  # dw A4 + 7x7: infeasible
+    lat = [model.costs(arch.with_bits(p))["latency_ms"] for p in policies]
+    en = [model.costs(arch.with_bits(p))["energy_mJ"] for p in policies]
     assert lat[0] < lat[1] <= lat[2] and en[0] < en[2]
     assert model.costs(arch.with_bits(8))["source"] == "fit"
     assert model.costs(sp.largest(8))["latency_ms"] > model.costs(sp.smallest(8))["latency_ms"]

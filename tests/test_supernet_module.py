@@ -193,18 +193,18 @@ def test_ddp_two_processes_gloo(tmp_path):
 
 @pytest.mark.slow
 def test_short_progressive_shrinking_on_cifar(tmp_path, cifar_archive):
-    """A few hundred steps of PS on 6k CIFAR-10 images: the largest subnet clearly beats chance."""
+    """~190 steps of PS on 4k CIFAR-10 images: the largest subnet clearly beats chance (10%)."""
     torch.manual_seed(0)
-    dm = ImageDataModule("cifar10", root=str(cifar_archive), batch_size=64, train_subset=6000,
+    dm = ImageDataModule("cifar10", root=str(cifar_archive), batch_size=64, train_subset=4000,
                          heldout_size=1000, num_workers=0)
-    phases = [Phase("full", 3), Phase("kernel", 1)]
+    phases = [Phase("full", 2), Phase("kernel", 1)]
     model = SupernetModule(space="apq_cifar", num_classes=10, phases=phases, lr=0.1, warmup_epochs=0.2,
                            bn_calib_batches=4, num_random_eval=1, label_smoothing=0.0)
-    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, dm)
     acc = float(trainer.callback_metrics["val/acc_largest"])
     small = float(trainer.callback_metrics["val/acc_smallest"])
     print(f"PS on CIFAR-10 subset: largest {acc:.3f}, smallest {small:.3f}")
-    assert acc > 0.30
+    assert acc > 0.25
     assert small > 0.15

@@ -161,8 +161,10 @@ class FitPricer(LayerPricer):
         return out[0], out[1]
 
     def why_missing(self, query: LayerQuery) -> str:
-        return f"{self.name}: no {query[0].kernel}x{query[0].kernel} {'depthwise' if query[0].depthwise else ''} " \
-               f"conv at W{query[1]}A{query[2]} on this hardware (the table has none at any size)"
+        shape, w, a = query
+        kind = "depthwise" if shape.depthwise else "pointwise/dense"
+        return (f"{self.name}: no {shape.kernel}x{shape.kernel} {kind} conv at W{w}A{a} on this hardware "
+                f"(the table has none at any size)")
 
 
 class HybridPricer(LayerPricer):
@@ -180,8 +182,8 @@ class HybridPricer(LayerPricer):
         return exact
 
     def fixed(self, space: SearchSpace, num_classes: int) -> tuple[Priced, Priced]:
-        if self.table.table.space == space.name:
-            return self.table.fixed(space, num_classes)
+        if self.table.table.space == space.name and num_classes == default_num_classes(space):
+            return self.table.fixed(space, num_classes)  # the table's own network
         return self.fit.fixed(space, num_classes)
 
     def why_missing(self, query: LayerQuery) -> str:
@@ -331,7 +333,7 @@ class LayerwiseCost(CostModel):
         lat = np.where(feasible, total[:, LAT] + head.latency + tail.latency, np.inf)
         en = np.where(feasible, total[:, EN] + head.energy + tail.energy, np.inf)
         n_fit = total[:, NFIT] + hfit + tfit
-        n_layers = 3 * n_active + 2
+        n_layers = 3 * n_active + 2 - total[:, MISSING]  # priced layers
         source = np.where(n_fit == 0, "table", np.where(n_fit == n_layers, "fit", "mixed"))
         return {"latency_ms": lat, "energy_mJ": en, "bitops": bitops, "size_bytes": size,
                 "feasible": feasible, "source": source}
@@ -368,6 +370,7 @@ class LayerwiseCost(CostModel):
                 priced = self._price((shape, w, a))
                 if priced is None:
                     reason = reason or f"block {i} {role} conv: {self.pricer.why_missing((shape, w, a))}"
+                    n_layers -= 1
                     continue
                 lat, en, n_fit = lat + priced[0].latency, en + priced[0].energy, n_fit + priced[1]
         out: dict[str, Any] = {"latency_ms": lat, "energy_mJ": en, "bitops": int(bitops),

@@ -110,8 +110,9 @@ class TypeModel:
 
     def predict(self, X: np.ndarray, w: int, a: int) -> np.ndarray:
         """Log cost of layers ``X`` at one fitted bit pair."""
+        assert self.trend is not None, "fit() first"
         bits = np.tile([w, a], (len(X), 1))
-        return self.trend.predict(self._trend_inputs(X, bits)) + self.trees[(w, a)].predict(X)  # type: ignore[union-attr]
+        return self.trend.predict(self._trend_inputs(X, bits)) + self.trees[(w, a)].predict(X)
 
 
 ModelKey = tuple[str, str]  # (conv type, target)

@@ -54,21 +54,28 @@ def time_module(module: nn.Module, input_shape: tuple[int, ...], device: str | t
     Not the mean: a shared machine produces long outliers. "min" estimates the uncontended
     time (most robust when other jobs share the CPU); "median" the typical one. CUDA is
     synchronised around every pass so the time covers the kernels, not just their launch.
+    Denormal floats are flushed to zero while timing: the activations of an untrained or
+    randomly extracted network can be denormal, which makes CPU time depend on the weights
+    (up to 2x here) rather than on the layer shape that the table is keyed by.
     """
     if stat not in ("median", "min"):
         raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
     dev = torch.device(device)
     module = module.to(dev).eval()
     x = torch.randn(input_shape, device=dev)
-    for _ in range(max(warmup, 0)):
-        module(x)
-    times = []
-    for _ in range(max(repeats, 1)):
-        _sync(dev)
-        t0 = time.perf_counter()
-        module(x)
-        _sync(dev)
-        times.append((time.perf_counter() - t0) * 1e3)
+    torch.set_flush_denormal(True)  # denormal activations of an untrained net can double CPU time
+    try:
+        for _ in range(max(warmup, 0)):
+            module(x)
+        times = []
+        for _ in range(max(repeats, 1)):
+            _sync(dev)
+            t0 = time.perf_counter()
+            module(x)
+            _sync(dev)
+            times.append((time.perf_counter() - t0) * 1e3)
+    finally:
+        torch.set_flush_denormal(False)  # torch's default
     return statistics.median(times) if stat == "median" else min(times)
 
 
@@ -142,7 +149,7 @@ def build_table(
     *,
     device: str = "cpu",
     batch: int = 1,
-    repeats: int = 20,
+    repeats: int = 30,
     warmup: int = 5,
     num_classes: int | None = None,
     threads: int | None = None,
@@ -155,12 +162,21 @@ def build_table(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
+    previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        return _build(sp, dev, out, batch, repeats, warmup, num_classes, stat, save_every, progress)
+    finally:
+        torch.set_num_threads(previous_threads)  # a library call must not change the caller's threads
+
+
+def _build(sp: SearchSpace, dev: torch.device, out: str | Path | None, batch: int, repeats: int, warmup: int,
+           num_classes: int | None, stat: str, save_every: float, progress: bool) -> CostTable:
     n_cls = int(num_classes or default_num_classes(sp))
     meta = {"space": sp.name, "device": str(dev), "device_name": device_name(dev), "batch": batch,
-            "num_classes": n_cls, "repeats": repeats, "warmup": warmup, "stat": stat, "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "dtype": "float32", "complete": False}
+            "num_classes": n_cls, "repeats": repeats, "warmup": warmup, "stat": stat,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32", "complete": False}
     out_path = Path(out) if out is not None else None
     done = _resume(out_path, meta) if out_path is not None else {}
     name = str(out_path) if out_path is not None else f"<measured {sp.name} on {dev}>"

@@ -21,7 +21,7 @@ import json
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -241,10 +241,3 @@ def bitfusion_table() -> CostTable:
         _BITFUSION = table
     return _BITFUSION
 
-
-def table_from_costs(
-    costs: Iterable[tuple[LayerQuery, Cost]], *, head: Cost | None, tail: Cost | None, name: str,
-    space: str | None, meta: Mapping[str, Any] | None = None,
-) -> CostTable:
-    """Assemble a table in memory (measured or predicted entries)."""
-    return CostTable(dict(costs), head, tail, name, space, dict(meta or {}))

@@ -204,8 +204,13 @@ class SupernetModule(L.LightningModule):
             self.supernet.sort_channels()
             for opt in self.trainer.optimizers:
                 opt.state.clear()
-        if self._choices[idx].elastic and self.hparams.kd_ratio > 0:
-            self._set_teacher(self.supernet.extract(self.space.largest()))
+        if self._choices[idx].elastic and self.hparams.kd_ratio > 0 and self.teacher is None:
+            # One fixed teacher: the full network as trained so far (normally by the 'full'
+            # phase). Its BN statistics are re-estimated first: the supernet's running stats
+            # will be mixed over many subnets from here on.
+            teacher = self.supernet.extract(self.space.largest())
+            recalibrate_bn(teacher, calibration_batches(self.trainer, self.hparams.bn_calib_batches))
+            self._set_teacher(teacher)
         self._phase_seen = idx
         self.print(f"progressive shrinking: phase {idx} ({phase.name}) from epoch {self.current_epoch}")
 
