@@ -9,27 +9,38 @@ from __future__ import annotations
 
 import sys
 
-from lightning.pytorch.cli import LightningCLI
-from omegaconf import OmegaConf
-
-from apq_lightning.data import ImageDataModule
-
 
 def _phase_epochs(phases: list) -> int:
     """``${phase_epochs:${model.init_args.phases}}``: trainer epochs = sum of the PS phases'."""
     return int(sum(int(p["epochs"]) for p in phases))
 
 
-if not OmegaConf.has_resolver("phase_epochs"):
-    # omegaconf >= 2.4 renamed register_new_resolver; support both.
-    (getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver)("phase_epochs", _phase_epochs)
+def lightning_main(argv: list[str]) -> None:
+    """fit / validate / test / predict through LightningCLI (imported here: it is slow to import)."""
+    from lightning.pytorch.cli import LightningCLI
+    from omegaconf import OmegaConf
 
+    from apq_lightning.data import ImageDataModule
 
-class APQLightningCLI(LightningCLI):
-    """LightningCLI that sizes the model's classifier from the datamodule."""
+    if not OmegaConf.has_resolver("phase_epochs"):
+        # omegaconf >= 2.4 renamed register_new_resolver; support both.
+        (getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver)(
+            "phase_epochs", _phase_epochs
+        )
 
-    def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+    class APQLightningCLI(LightningCLI):
+        """LightningCLI that sizes the model's classifier from the datamodule."""
+
+        def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
+            parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+
+    APQLightningCLI(
+        datamodule_class=ImageDataModule,
+        subclass_mode_model=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_kwargs={"overwrite": True},
+        args=argv,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,13 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         from apq_lightning.hardware.commands import cost_main, lut_main
 
         return (lut_main if argv[0] == "lut" else cost_main)(argv[1:])
-    APQLightningCLI(
-        datamodule_class=ImageDataModule,
-        subclass_mode_model=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=argv,
-    )
+    lightning_main(argv)
     return 0
 
 

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from timm.layers import make_divisible
 
 BIT_FIELDS: tuple[str, ...] = ("pw_w", "pw_a", "dw_w", "dw_a")
 """Per-block quantization fields: both 1x1 convs use the pw pair, the depthwise conv the dw pair."""
@@ -558,6 +557,8 @@ class Subnet:
         a stage whose blocks cannot be skipped takes its fixed depth whatever ``d`` says,
         as the reference network does.
         """
+        from timm.layers import make_divisible  # lazy: keeps the space importable without torch
+
         sp = get_space(space)
         for key in ("ks", "e", "d"):
             if key not in spec:
