@@ -53,7 +53,6 @@ from apq_lightning.modules.common import (
 from apq_lightning.modules.supernet_module import load_supernet
 from apq_lightning.quant import calibrate, check_method, quant_summary
 from apq_lightning.quant.policy import (
-    FixedBits,
     apply_named_policy,
     apply_policy,
     clone_float,
@@ -275,7 +274,11 @@ class QATModule(L.LightningModule):
 
     @rank_zero_only
     def _print_prep(self, metrics: dict[str, float]) -> None:
-        bits = "float" if self.subnet.bits is None else "mixed" if len({v for f in self.subnet.bits.to_dict().values() for v in f if v}) > 1 else f"uniform {next(v for v in self.subnet.bits.pw_w if v)}"
+        if self.subnet.bits is None:
+            bits = "float"
+        else:
+            used = {v for values in self.subnet.bits.to_dict().values() for v in values if v}
+            bits = f"uniform {used.pop()}" if len(used) == 1 else "mixed"
         lines = [f"QAT of subnet {self.subnet.key()} ({self.subnet.space}, {len(self.subnet.active_blocks)} blocks, "
                  f"bits {bits}, fixed layers {self.fixed_bits or 'float'}):"]
         lines += [f"  {k:8s} {v:.4f}" for k, v in metrics.items()] or ["  (no validation data: accuracies not measured)"]
@@ -390,4 +393,4 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if isinstance(v, ok)}
 
 
-__all__ = ["QATModule", "resolve_subnet", "FixedBits"]
+__all__ = ["QATModule", "resolve_subnet"]

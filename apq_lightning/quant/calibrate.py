@@ -17,7 +17,16 @@ KL method (TensorRT-style, as in APQ)
      with ``s = T / qmax`` -- and each level's mass spread uniformly back over the bins of that
      level where ``P`` is non-zero ("expanded back");
    * ``KL(P || Q)`` with both normalised to sum 1; ``Q`` gets an epsilon of 1e-12.
-3. ``v = min(T*, observed max)``: never larger than the data.
+3. Smoothing over candidates: ``T*`` minimises the KL *averaged over the 2 neighbouring
+   candidates on each side* (a window of 5, about +-7 % in threshold; :data:`KL_SMOOTHING`).
+   On histograms made of spikes -- saturated or constant image regions, the ReLU6 cap, the
+   constant response of a channel to a uniform background -- the KL of a single candidate
+   depends on how the spikes happen to fall onto quantization levels, and isolated deep dips
+   of the raw curve picked ranges as small as the *median* of the data. Measured on the
+   apq_cifar largest subnet: 8-bit PTQ fell from 97.8 % to 45.7 % top-1 (digits) and from
+   52.6 % to 1.3 % (briefly trained on CIFAR-10) with the raw minimum; with the window,
+   97.8 % / 50.8 %. ``kl_thresholds(..., smooth=0)`` is the raw procedure.
+4. ``v = min(T*, observed max)``: never larger than the data.
 
 Clipping is penalised because P's last bin carries the outliers while Q's does not; coarse
 quantization is penalised because Q flattens the shape inside each level.
@@ -57,6 +66,8 @@ _EPS = 1e-12
 _MAX_WORK = 1 << 22
 _PER_CHANNEL_BINS = 256
 _PER_CHANNEL_CANDIDATES = 64
+KL_SMOOTHING = 2
+"""Half-width (in candidates) of the moving average over the KL curve (step 3 above)."""
 
 
 def _xlogy(x: np.ndarray, y: np.ndarray | float) -> np.ndarray:
@@ -91,7 +102,7 @@ def _kl_grid(bins: int, qmax: int, num_candidates: int) -> tuple[np.ndarray, np.
     return cand, bounds, last_level
 
 
-def kl_thresholds(hist: Tensor | np.ndarray, qmax: int, num_candidates: int = 160) -> np.ndarray:
+def kl_thresholds(hist: Tensor | np.ndarray, qmax: int, num_candidates: int = 160, smooth: int = 0) -> np.ndarray:
     """Best clip threshold, in bins, for each row of ``hist`` (``(N, B)`` magnitude counts).
 
     Returns an array ``(N,)`` of thresholds in units of bin width (multiply by ``upper / B``).
@@ -143,14 +154,31 @@ def kl_thresholds(hist: Tensor | np.ndarray, qmax: int, num_candidates: int = 16
         tot = np.maximum(total, _EPS)
         kl = plogp / tot - np.log(tot) - plogq / tot
         kl = np.where(valid[s:e], kl, np.inf)
+        if smooth > 0:
+            kl = _window_mean(kl, smooth)
         out[s:e] = np.where(has_mass[s:e], cand[kl.argmin(1)], 0.0)
     return out
 
 
-def kl_threshold(hist: Tensor, upper: float, qmax: int, num_candidates: int = 160) -> float:
+def _window_mean(kl: np.ndarray, w: int) -> np.ndarray:
+    """Mean of the finite entries of each row within ``[c - w, c + w]``; inf stays inf."""
+    n, C = kl.shape
+    fin = np.isfinite(kl)
+    zero = np.zeros((n, 1))
+    cs = np.concatenate([zero, np.where(fin, kl, 0.0).cumsum(1)], 1)
+    cn = np.concatenate([zero, fin.cumsum(1, dtype=np.float64)], 1)
+    idx = np.arange(C)
+    lo, hi = np.clip(idx - w, 0, C), np.clip(idx + w + 1, 0, C)
+    mean = (cs[:, hi] - cs[:, lo]) / np.maximum(cn[:, hi] - cn[:, lo], 1.0)
+    return np.where(fin, mean, np.inf)
+
+
+def kl_threshold(
+    hist: Tensor, upper: float, qmax: int, num_candidates: int = 160, smooth: int = KL_SMOOTHING
+) -> float:
     """KL-optimal clip threshold of one magnitude histogram spanning ``(0, upper]``."""
     B = hist.shape[-1]
-    return float(kl_thresholds(hist.reshape(1, B), qmax, num_candidates)[0]) * upper / B
+    return float(kl_thresholds(hist.reshape(1, B), qmax, num_candidates, smooth)[0]) * upper / B
 
 
 def magnitude_histogram(x: Tensor, upper: Tensor, bins: int, signed: bool) -> Tensor:
@@ -204,7 +232,7 @@ def tensor_range(
         bins_eff = min(bins, _PER_CHANNEL_BINS)
         hist = magnitude_histogram(rows, vmax, bins_eff, signed)
     n_cand = 160 if ch_axis is None else _PER_CHANNEL_CANDIDATES
-    t = torch.from_numpy(kl_thresholds(hist, qmax, n_cand)).to(vmax.device) * vmax.double() / bins_eff
+    t = torch.from_numpy(kl_thresholds(hist, qmax, n_cand, KL_SMOOTHING)).to(vmax.device) * vmax.double() / bins_eff
     v = torch.minimum(t.float(), vmax)
     return v if ch_axis is not None else v[0]
 
@@ -217,8 +245,56 @@ def _fast_histogram(mag: Tensor, bins: int, upper: float) -> Tensor:
     representable and left out of the KL search on purpose) -- one fused pass plus ``bincount``,
     several times faster than ``torch.histc`` on CPU.
     """
-    idx = torch.mul(mag, bins / upper).ceil_().to(torch.int32).clamp_(0, bins)
-    return torch.bincount(idx, minlength=bins + 1)[1:].to(torch.float64)
+    return _ceil_bincount(torch.mul(mag, bins / upper), bins)
+
+
+def _ceil_bincount(scaled: Tensor, bins: int) -> Tensor:
+    """``_fast_histogram`` of values already multiplied by ``bins / upper`` (consumed in place).
+
+    No clamp pass: values are at most ``upper``, so an index above ``bins`` can only come from
+    float rounding at the very top, and such counts are folded into the last bin afterwards.
+    The indices are int16 when that holds them (the float -> int pass is several times faster
+    on CPU than to int32) and are written into a reused scratch buffer.
+    """
+    dtype = torch.int16 if bins < 32000 else torch.int32
+    idx = _scratch(scaled.numel(), dtype, scaled.device, slot=1)
+    idx.copy_(scaled.ceil_())
+    counts = torch.bincount(idx, minlength=bins + 1)
+    if counts.numel() > bins + 1:
+        counts = torch.cat([counts[:bins], counts[bins:].sum(0, keepdim=True)])
+    return counts[1:].to(torch.float64)
+
+
+_SCRATCH: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+
+def _scratch(n: int, dtype: torch.dtype, device: torch.device, slot: int = 0) -> Tensor:
+    """A reused 1-d buffer of ``n`` elements. Calibration histograms every activation of every
+    layer; a fresh multi-megabyte tensor per step costs page faults (the CPU allocator does
+    not cache large blocks) comparable to the arithmetic itself. Not thread-safe, like the
+    observers that use it; freed by :func:`release_scratch`."""
+    key = (slot, dtype, device)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(max(n, 1 << 16), dtype=dtype, device=device)
+        _SCRATCH[key] = buf
+    return buf[:n]
+
+
+def release_scratch() -> None:
+    """Free the calibration scratch buffers (called at the end of every calibration)."""
+    _SCRATCH.clear()
+
+
+def _flat_view(x: Tensor) -> Tensor:
+    """All elements of ``x`` as a 1-d tensor, in memory order, without a copy when possible
+    (a channels_last activation would otherwise be copied by ``reshape``: the order of the
+    elements does not matter to a histogram)."""
+    if x.is_contiguous():
+        return x.view(-1)
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1).reshape(-1)  # a view
+    return x.reshape(-1)
 
 
 class HistogramObserver:
@@ -277,7 +353,8 @@ class HistogramObserver:
             return
         if not x.is_floating_point() or x.dtype == torch.float64:
             x = x.float()
-        mn_t, mx_t = torch.aminmax(x)
+        flat = _flat_view(x)
+        mn_t, mx_t = torch.aminmax(flat)  # on the 1-d view: a channels_last reduction is slower
         mn, mx = float(mn_t), float(mx_t)
         if not (math.isfinite(mn) and math.isfinite(mx)):
             raise ValueError("calibration saw a non-finite activation (inf/nan); check the model and data")
@@ -290,10 +367,13 @@ class HistogramObserver:
         self._grow(m)
         if self.upper <= 0.0:
             return  # only zeros so far: nothing to histogram (zeros are left out on purpose)
-        flat = x.reshape(-1)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()  # bin indices up to 2048 need float32 precision
+        # one new tensor, then in place: x * (bins / upper) -> |.| or max(., 0) -> ceil -> index
+        scaled = torch.mul(flat, self.bins / self.upper, out=_scratch(flat.numel(), flat.dtype, flat.device))
         if mn < 0:  # |x| for signed / undecided; unsigned: negatives quantize to 0, like zeros
-            flat = flat.abs() if self.signed is not False else flat.clamp_min(0.0)
-        self.hist += _fast_histogram(flat, self.bins, self.upper)
+            scaled = scaled.abs_() if self.signed is not False else scaled.clamp_min_(0.0)
+        self.hist += _ceil_bincount(scaled, self.bins)
 
     def resolved_signed(self) -> bool:
         return self.signed if self.signed is not None else self.min_val < 0

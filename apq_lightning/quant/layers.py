@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .calibrate import release_scratch
 from .quantizers import SUPPORTED_BITS, CalibrationMethod, LinearQuantizer, check_method, validate_bits
 
 __all__ = [
@@ -370,6 +371,7 @@ def calibrate(
             q.observing = False
         raise
     finally:
+        release_scratch()
         for (_, m), en in zip(layers, w_enabled):
             m.weight_quantizer.enabled = en
         model.train(was_training)

@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from apq_lightning.layers import SubnetModel
 from apq_lightning.space import BIT_FIELDS, BitPolicy, SearchSpace, Subnet, get_space
 
+from .calibrate import release_scratch
 from .layers import QuantLayerMixin, calibrate, quantizable_layers, quantize_modules
 from .quantizers import SUPPORTED_BITS, CalibrationMethod, LinearQuantizer, check_method, validate_bits
 
@@ -445,6 +446,7 @@ def calibrate_supernet(
             q.observing = False
         raise
     finally:
+        release_scratch()
         st.calibrating = False
         for m in fixed:
             m.weight_quantizer.enabled = True
@@ -482,8 +484,10 @@ def supernet_quant_disabled(supernet: Supernet) -> Iterator[Supernet]:
 
 def dequantize_supernet(supernet: Supernet) -> Supernet:
     """Remove every quantizer (block slots emptied, fixed layers back to plain Conv2d/Linear)."""
-    st = _state(supernet)
-    st.hook.remove()
+    _state(supernet)
+    for key, fn in list(supernet._forward_pre_hooks.items()):  # by function, not by handle: a
+        if fn is _check_arch:                                   # deep copy shares its handle
+            del supernet._forward_pre_hooks[key]
     for _, _, conv, _ in _dynamic_convs(supernet):
         conv.quantizer = None
     for parent in supernet.modules():
