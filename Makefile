@@ -22,8 +22,14 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900 tests
 
+# The pipeline so far on the tiny space and digits (offline): supernet (stage 1), then a
+# 4-bit quantized subnet finetuned with QAT (stage 7) and its cost on BitFusion (fitted).
 demo: $(STAMP)
 	$(PY) -m apq_lightning.cli fit --config recipes/supernet_tiny.yaml --ckpt_path last
+	$(PY) -m apq_lightning.cli fit --config recipes/finetune_tiny.yaml \
+		--model.supernet_ckpt runs/supernet_tiny/checkpoints/last.ckpt
+	$(PY) -c "from apq_lightning.space import get_space; print(get_space('tiny').largest(4).to_json())" > runs/demo_subnet.json
+	$(PY) -m apq_lightning.cli cost --hardware bitfusion --subnet runs/demo_subnet.json
 
 supernet: $(STAMP)
 	$(PY) -m apq_lightning.cli fit --config recipes/supernet_cifar.yaml --data.root $(APQ_CIFAR_ARCHIVE) --ckpt_path last

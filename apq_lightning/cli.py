@@ -8,9 +8,10 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 
-def _phase_epochs(phases: list) -> int:
+def _phase_epochs(phases: Any) -> int:  # an omegaconf ListConfig
     """``${phase_epochs:${model.init_args.phases}}``: trainer epochs = sum of the PS phases'."""
     return int(sum(int(p["epochs"]) for p in phases))
 
