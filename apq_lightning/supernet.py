@@ -19,7 +19,6 @@ set from the subnet's policy, which the quantization package fills in.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -157,9 +156,6 @@ class DynamicMBConv(nn.Module):
         y = F.relu6(self.dw_bn(self.dw_conv(y)))
         y = self.project_bn(self.project_conv(y))
         return x + y if self.spec.residual else y
-
-    def dynamic_convs(self) -> dict[str, DynamicConv]:
-        return {"pw_expand": self.expand_conv, "dw": self.dw_conv, "pw_project": self.project_conv}
 
     @torch.no_grad()
     def sort_channels(self) -> None:
@@ -337,10 +333,3 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None 
     if used == 0:
         raise ValueError("recalibrate_bn: no batches were given; pass a non-empty loader of training images")
     return used
-
-
-def bn_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A copy of every BN buffer (to restore after a temporary re-calibration)."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
-
-

@@ -107,7 +107,6 @@ def test_apq_reference_format_round_trip():
 
 
 def test_apq_reference_spec_import_with_rounding():
-    sp = get_space("apq_imagenet")
     # A spec as the reference writes it: expand ratios as floats, d for 6 stages (last ignored).
     spec = {
         "wid": None,

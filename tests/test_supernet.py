@@ -161,6 +161,15 @@ def test_bn_recalibration_restores_accuracy():
         recalibrate_bn(model, [])
 
 
+def test_activated_restores_previous_subnet():
+    sp = get_space("tiny")
+    net = Supernet("tiny", 10)
+    small = sp.smallest()
+    with net.activated(small):
+        assert net.active_subnet == small and len(net.active_block_modules()) == 11
+    assert net.active_subnet == sp.largest()
+
+
 def test_set_active_rejects_other_space():
     net = Supernet("tiny", 10)
     with pytest.raises(ValueError, match="belongs to space 'apq_cifar'"):

@@ -11,7 +11,7 @@ different architectures would be averaged): the sampler is seeded from ``(seed, 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
@@ -63,7 +63,11 @@ class PhaseChoices:
     kernels: tuple[int, ...]
     depths: tuple[tuple[int, ...], ...]
     widths: tuple[tuple[int, ...], ...]
-    elastic: bool = field(default=True)
+
+    @property
+    def elastic(self) -> bool:
+        """More than one subnet to sample (otherwise: the full network, no distillation)."""
+        return len(self.kernels) > 1 or any(len(c) > 1 for c in (*self.depths, *self.widths))
 
 
 def resolve_phase(phase: Phase, space: SearchSpace) -> PhaseChoices:
@@ -93,8 +97,7 @@ def resolve_phase(phase: Phase, space: SearchSpace) -> PhaseChoices:
             widths.append(tuple(w for w in blk.width_choices if w % blk.in_channels == 0))
         else:
             widths.append(blk.width_choices)
-    elastic = len(kernels) > 1 or any(len(d) > 1 for d in depths) or any(len(w) > 1 for w in widths)
-    return PhaseChoices(kernels, tuple(depths), tuple(widths), elastic)
+    return PhaseChoices(kernels, tuple(depths), tuple(widths))
 
 
 def sample_from(choices: PhaseChoices, space: SearchSpace, rng: np.random.Generator) -> Subnet:
