@@ -22,14 +22,18 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900 tests
 
-# The pipeline so far on the tiny space and digits (offline): supernet (stage 1), then a
-# 4-bit quantized subnet finetuned with QAT (stage 7) and its cost on BitFusion (fitted).
+# The pipeline so far on the tiny space and digits (offline): supernet (stage 1), then its
+# largest subnet with 4-bit weights / 8-bit activations, calibrated and finetuned with QAT
+# (stage 7), and that subnet's latency / energy / BitOps on BitFusion (fitted model).
+DEMO_SUBNET = runs/demo_subnet.json
 demo: $(STAMP)
 	$(PY) -m apq_lightning.cli fit --config recipes/supernet_tiny.yaml --ckpt_path last
-	$(PY) -m apq_lightning.cli fit --config recipes/finetune_tiny.yaml \
-		--model.supernet_ckpt runs/supernet_tiny/checkpoints/last.ckpt
-	$(PY) -c "from apq_lightning.space import get_space; print(get_space('tiny').largest(4).to_json())" > runs/demo_subnet.json
-	$(PY) -m apq_lightning.cli cost --hardware bitfusion --subnet runs/demo_subnet.json
+	$(PY) -c "from apq_lightning.space import get_space as g; s = g('tiny'); \
+		print(s.largest().with_bits(s.uniform_policy((4, 8, 4, 8))).to_json())" > $(DEMO_SUBNET)
+	rm -rf runs/finetune_tiny  # its recipe resumes from last.ckpt, which may hold another subnet
+	$(PY) -m apq_lightning.cli fit --config recipes/finetune_tiny.yaml --model.policy null \
+		--model.subnet $(DEMO_SUBNET) --model.supernet_ckpt runs/supernet_tiny/checkpoints/last.ckpt
+	$(PY) -m apq_lightning.cli cost --hardware bitfusion --subnet $(DEMO_SUBNET)
 
 supernet: $(STAMP)
 	$(PY) -m apq_lightning.cli fit --config recipes/supernet_cifar.yaml --data.root $(APQ_CIFAR_ARCHIVE) --ckpt_path last

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from apq_lightning.cli import main as cli_main
+from callbacks import ValidationCurves
 from apq_lightning.data import ImageDataModule
 from apq_lightning.modules import Phase, SupernetModule, load_supernet
 from apq_lightning.modules.supernet_module import resolve_phase
@@ -65,8 +66,12 @@ def _fit_tiny(tmp_path: Path, phases: list[Phase], max_epochs: int, **trainer_kw
 
 def test_progressive_shrinking_phases_teacher_and_checkpoint(tmp_path):
     phases = [Phase("full", 1), Phase("kernel", 1), Phase("width", 1, widths="coarse")]
-    trainer, model = _fit_tiny(tmp_path, phases, 3, limit_train_batches=3, limit_val_batches=1)
+    curves = ValidationCurves(out=str(tmp_path / "curves.png"))
+    trainer, model = _fit_tiny(tmp_path, phases, 3, limit_train_batches=3, limit_val_batches=1, callbacks=[curves])
     assert model._phase_seen == 2 and model.teacher is not None
+    history = json.loads((tmp_path / "curves.json").read_text())
+    assert [r["epoch"] for r in history] == [0, 1, 2] and "val/acc_largest" in history[0]
+    assert (tmp_path / "curves.png").stat().st_size > 1000
     assert trainer.callback_metrics["val/acc_largest"] >= 0
     ckpt = tmp_path / "m.ckpt"
     trainer.save_checkpoint(ckpt)

@@ -358,8 +358,11 @@ class QATModule(L.LightningModule):
         state = checkpoint.get("apq_qat", {})
         if state.get("subnet") is not None and Subnet.from_dict(state["subnet"]) != self.subnet:
             raise ValueError(
-                "the checkpoint was finetuned for another subnet/policy than this module was built with: "
-                f"{state['subnet']} vs {self.subnet.to_dict()}"
+                "the checkpoint being resumed was finetuned for another subnet/policy than this module "
+                f"was built with (checkpoint key {Subnet.from_dict(state['subnet']).key()}, this run "
+                f"{self.subnet.key()}). Recipes with OnExceptionCheckpoint resume from their last.ckpt "
+                "automatically: give this subnet its own run directory (the ModelCheckpoint and "
+                "OnExceptionCheckpoint dirpath) or remove the old checkpoints."
             )
         self.prepared = bool(state.get("prepared", False))
         self.prep_metrics = dict(state.get("metrics", {}))
