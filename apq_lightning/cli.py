@@ -16,7 +16,7 @@ def _phase_epochs(phases: Any) -> int:  # an omegaconf ListConfig
     return int(sum(int(p["epochs"]) for p in phases))
 
 
-def lightning_main(argv: list[str]) -> None:
+def lightning_main(argv: list[str] | None) -> None:
     """fit / validate / test / predict through LightningCLI (imported here: it is slow to import)."""
     from lightning.pytorch.cli import LightningCLI
     from omegaconf import OmegaConf
@@ -45,12 +45,12 @@ def lightning_main(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("lut", "cost"):
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in ("lut", "cost"):
         from apq_lightning.hardware.commands import cost_main, lut_main
 
-        return (lut_main if argv[0] == "lut" else cost_main)(argv[1:])
-    lightning_main(argv)
+        return (lut_main if args[0] == "lut" else cost_main)(args[1:])
+    lightning_main(argv)  # None: LightningCLI reads sys.argv itself
     return 0
 
 

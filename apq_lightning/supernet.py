@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from apq_lightning.batches import iter_images
 from apq_lightning.layers import ConvBNAct, InvertedResidual, SubnetModel
 from apq_lightning.space import BlockSpec, SearchSpace, Subnet, get_space
 
@@ -320,11 +321,8 @@ def recalibrate_bn(model: nn.Module, batches: Iterable, num_batches: int | None 
     model.train()
     used = 0
     try:
-        for batch in batches:
-            if num_batches is not None and used >= num_batches:
-                break
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            model(x.to(device, non_blocking=True))
+        for x in iter_images(batches, num_batches, device):
+            model(x)
             used += 1
     finally:
         for bn, (momentum, _) in zip(bns, saved):

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 import torch
 from torch import Tensor, nn
 
+from apq_lightning.batches import iter_images
 from apq_lightning.layers import SubnetModel
 from apq_lightning.space import BIT_FIELDS, BitPolicy, SearchSpace, Subnet, get_space
 
@@ -433,11 +434,8 @@ def calibrate_supernet(
         for m in fixed:
             m.weight_quantizer.enabled = False
         supernet.eval()
-        for batch in batches:
-            if num_batches is not None and seen >= num_batches:
-                break
-            x = batch[0] if isinstance(batch, (list, tuple)) else batch
-            supernet(x.to(device, non_blocking=True))
+        for x in iter_images(batches, num_batches, device):
+            supernet(x)
             seen += 1
         if seen == 0:
             raise ValueError("calibrate_supernet got no data: the batch iterable was empty")

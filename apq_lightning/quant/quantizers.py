@@ -248,7 +248,7 @@ class LinearQuantizer(nn.Module):
         from .calibrate import HistogramObserver  # local import: calibrate imports this module
 
         if self.per_channel:
-            raise NotImplementedError("range observation is per-tensor (use per_channel for weights only)")
+            raise ValueError("per_channel=True is for weight quantizers only; activation ranges are observed per tensor")
         self.observer = HistogramObserver(bins=self.bins, signed=self.signed)
         self.observing = True
 
