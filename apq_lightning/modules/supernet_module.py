@@ -187,6 +187,7 @@ class SupernetModule(L.LightningModule):
         return len(self.phases) - 1
 
     def on_fit_start(self) -> None:
+        self._place_teacher()  # a teacher restored from a checkpoint was built on the CPU
         max_epochs = self.trainer.max_epochs
         if max_epochs is not None and 0 < max_epochs < self.total_phase_epochs and not self.trainer.fast_dev_run:
             self.print(
@@ -220,6 +221,14 @@ class SupernetModule(L.LightningModule):
     def _set_teacher(self, model: nn.Module) -> None:
         model.eval().requires_grad_(False)
         self._teacher[:] = [model]
+        self._place_teacher()
+
+    def _place_teacher(self) -> None:
+        """Outside the module tree the teacher is not moved by Lightning: put it beside the model."""
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+            if self.hparams.channels_last:
+                self.teacher.to(memory_format=torch.channels_last)
 
     @property
     def teacher(self) -> nn.Module | None:
@@ -243,7 +252,7 @@ class SupernetModule(L.LightningModule):
         teacher_logits = None
         if self.teacher is not None and self._choices[idx].elastic:
             with torch.no_grad():
-                teacher_logits = self.teacher.to(x.device)(x)
+                teacher_logits = self.teacher(x)
         n = self.hparams.subnets_per_step if self._choices[idx].elastic else 1
         total = 0.0
         for j in range(n):
