@@ -33,3 +33,15 @@ def cifar_archive() -> Path:
             pytrace=False,
         )
     pytest.skip(f"{reason} (set it to the path of cifar10-jpeg.tar.gz to run real-data tests)")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Small tensors on a shared CPU: intra-op threads only add contention. Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("single_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

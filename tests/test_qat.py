@@ -37,13 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CL = torch.channels_last
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Small tensors and a shared CPU: intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _mixed_subnet(space: str = "tiny", seed: int = 0) -> Subnet:

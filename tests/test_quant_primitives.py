@@ -30,13 +30,7 @@ from apq_lightning.quant import (
 from apq_lightning.quant.calibrate import _kl_grid  # the package attribute `calibrate` is the function
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """The tensors here are tiny: intra-op threads only add contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ----------------------------------------------------------------------------- quantizer formula

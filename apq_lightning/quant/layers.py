@@ -77,6 +77,15 @@ class QuantLayerMixin:
         ).to(device)
         self.input_quantizer = LinearQuantizer(a_bits, a_signed, method=method, allowed_bits=allowed_bits).to(device)
 
+    def _adopt(self, float_module: nn.Module) -> Any:
+        """Take over ``float_module``'s Parameter objects (built on "meta", so nothing is copied)
+        and materialise the quantizers on its device."""
+        self.weight, self.bias = float_module.weight, float_module.bias
+        for q in (self.weight_quantizer, self.input_quantizer):
+            q.to_empty(device=float_module.weight.device).reset()
+        self.train(float_module.training)
+        return self
+
     @property
     def w_bits(self) -> int | None:
         return self.weight_quantizer.bits
@@ -152,11 +161,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
                 dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
                 padding_mode=conv.padding_mode, w_bits=w_bits, a_bits=a_bits, a_signed=a_signed, **kwargs,
             )
-        q.weight, q.bias = conv.weight, conv.bias
-        q.weight_quantizer.to_empty(device=conv.weight.device).reset()
-        q.input_quantizer.to_empty(device=conv.weight.device).reset()
-        q.train(conv.training)
-        return q
+        return q._adopt(conv)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
@@ -192,11 +197,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         with torch.device("meta"):
             q = cls(linear.in_features, linear.out_features, linear.bias is not None,
                     w_bits=w_bits, a_bits=a_bits, a_signed=a_signed, **kwargs)
-        q.weight, q.bias = linear.weight, linear.bias
-        q.weight_quantizer.to_empty(device=linear.weight.device).reset()
-        q.input_quantizer.to_empty(device=linear.weight.device).reset()
-        q.train(linear.training)
-        return q
+        return q._adopt(linear)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
