@@ -1,6 +1,10 @@
-"""Lightning callbacks of apq-lightning (they import ``apq_lightning``, never the reverse)."""
+"""Lightning callbacks of apq-lightning, installed as ``apq_lightning.callbacks``.
 
-from callbacks.plots import ValidationCurves
-from callbacks.summary import MetricsSummary
+They import ``apq_lightning``; the library never imports them (DESIGN.md §7).
+"""
 
-__all__ = ["MetricsSummary", "ValidationCurves"]
+from apq_lightning.callbacks.checkpoint import LastCheckpoint, ProgressExceptionCheckpoint
+from apq_lightning.callbacks.plots import ValidationCurves
+from apq_lightning.callbacks.summary import MetricsSummary
+
+__all__ = ["LastCheckpoint", "MetricsSummary", "ProgressExceptionCheckpoint", "ValidationCurves"]

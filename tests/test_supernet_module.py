@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from apq_lightning.cli import main as cli_main
-from callbacks import ValidationCurves
+from apq_lightning.callbacks import ValidationCurves
 from apq_lightning.data import ImageDataModule
 from apq_lightning.modules import Phase, SupernetModule, load_supernet
 from apq_lightning.modules.supernet_module import resolve_phase
