@@ -16,12 +16,15 @@ def _phase_epochs(phases: Any) -> int:  # an omegaconf ListConfig
     return int(sum(int(p["epochs"]) for p in phases))
 
 
+def _num_classes_of(datamodule: Any) -> int | None:
+    return getattr(datamodule, "num_classes", None)
+
+
 def lightning_main(argv: list[str] | None) -> None:
     """fit / validate / test / predict through LightningCLI (imported here: it is slow to import)."""
+    import lightning as L
     from lightning.pytorch.cli import LightningCLI
     from omegaconf import OmegaConf
-
-    from apq_lightning.data import ImageDataModule
 
     if not OmegaConf.has_resolver("phase_epochs"):
         # omegaconf >= 2.4 renamed register_new_resolver; support both.
@@ -30,14 +33,24 @@ def lightning_main(argv: list[str] | None) -> None:
         )
 
     class APQLightningCLI(LightningCLI):
-        """LightningCLI that sizes the model's classifier from the datamodule."""
+        """LightningCLI that sizes the model's classifier from the datamodule.
+
+        Both the model and the datamodule come from the recipe (``class_path``): image data
+        for the supernet and finetuning, subnet indices for collection, sample stores for the
+        predictors. Where the datamodule knows its ``num_classes`` and the model takes one, the
+        model gets it; other pairs ignore the link.
+        """
 
         def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
-            parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+            parser.link_arguments(
+                "data", "model.init_args.num_classes", compute_fn=_num_classes_of, apply_on="instantiate"
+            )
 
     APQLightningCLI(
-        datamodule_class=ImageDataModule,
+        L.LightningModule,
+        L.LightningDataModule,
         subclass_mode_model=True,
+        subclass_mode_data=True,
         parser_kwargs={"parser_mode": "omegaconf"},
         save_config_kwargs={"overwrite": True},
         args=argv,

@@ -197,11 +197,11 @@ def test_ddp_two_processes_gloo(tmp_path):
 
 
 @pytest.mark.slow
-def test_short_progressive_shrinking_on_cifar(tmp_path, cifar_archive):
+def test_short_progressive_shrinking_on_cifar(tmp_path, cifar_archive, seed):
     """~190 steps of PS on 4k CIFAR-10 images: the largest subnet clearly beats chance (10%)."""
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     dm = ImageDataModule("cifar10", root=str(cifar_archive), batch_size=64, train_subset=4000,
-                         heldout_size=1000, num_workers=0)
+                         heldout_size=1000, num_workers=0, seed=seed)
     phases = [Phase("full", 2), Phase("kernel", 1)]
     model = SupernetModule(space="apq_cifar", num_classes=10, phases=phases, lr=0.1, warmup_epochs=0.2,
                            bn_calib_batches=4, num_random_eval=1, label_smoothing=0.0)
@@ -213,3 +213,42 @@ def test_short_progressive_shrinking_on_cifar(tmp_path, cifar_archive):
     print(f"PS on CIFAR-10 subset: largest {acc:.3f}, smallest {small:.3f}")
     assert acc > 0.25
     assert small > 0.15
+
+
+def _short_tiny_recipe(tmp_path: Path) -> Path:
+    """The tiny recipe with three one-epoch phases (full, kernel, depth)."""
+    text = (ROOT / "recipes" / "supernet_tiny.yaml").read_text()
+    start, end = text.index("    phases:\n"), text.index("    subnets_per_step:")
+    short = "    phases:\n      - {name: full, epochs: 1}\n      - {name: kernel, epochs: 1}\n      - {name: depth, epochs: 1}\n"
+    path = tmp_path / "short_tiny.yaml"
+    path.write_text(text[:start] + short + text[end:])
+    return path
+
+
+@pytest.mark.slow
+def test_last_ckpt_is_the_last_epoch_and_a_finished_rerun_changes_nothing(tmp_path, monkeypatch):
+    """``last.ckpt`` holds the final epoch and phase, not the best one (issue 11); a rerun of a
+    finished fit with ``--ckpt_path last`` restores it, trains nothing and rewrites nothing."""
+    import hashlib
+
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "--config", str(_short_tiny_recipe(tmp_path)), "--trainer.limit_train_batches", "3",
+            "--trainer.limit_val_batches", "1", "--model.init_args.bn_calib_batches", "1",
+            "--model.init_args.num_random_eval", "0", "--ckpt_path", "last"]
+    assert cli_main(args) == 0
+    ckpt_dir = tmp_path / "runs" / "supernet_tiny" / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    raw = torch.load(last, map_location="cpu", weights_only=True)
+    assert raw["epoch"] == 2 and raw["global_step"] == 9
+    assert raw["apq_phase_seen"] == 2  # the depth phase, the last one
+    assert not (ckpt_dir / "on_exception.ckpt").exists()
+
+    def digest(p: Path) -> str:
+        return hashlib.sha256(p.read_bytes()).hexdigest()
+
+    before = {p.name: digest(p) for p in ckpt_dir.iterdir()}
+    summary = tmp_path / "runs" / "supernet_tiny" / "summary.json"
+    summary_before = summary.read_text()
+    assert cli_main(args) == 0
+    assert {p.name: digest(p) for p in ckpt_dir.iterdir()} == before
+    assert summary.read_text() == summary_before
