@@ -8,7 +8,7 @@ SHARED ?= ../shared
 export APQ_CIFAR_ARCHIVE ?= $(abspath $(SHARED))/data/cifar10-jpeg.tar.gz
 export WANDB_MODE ?= offline
 
-.PHONY: install test demo supernet bench clean
+.PHONY: install test test-fast lint demo supernet bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q --timeout=900 tests
+
+# The edit loop: no training-heavy, multi-process or CIFAR-10 tests.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q --timeout=300 -m "not slow and not shared" tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
 
 # The pipeline so far on the tiny space and digits (offline): supernet (stage 1), then its
 # largest subnet with 4-bit weights / 8-bit activations, calibrated and finetuned with QAT

@@ -69,3 +69,10 @@ def single_thread():
     torch.set_num_threads(int(os.environ.get("APQ_TEST_THREADS", "1")))
     yield
     torch.set_num_threads(n)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test that takes the CIFAR-10 archive is marked ``shared`` (``make test-fast`` skips them)."""
+    for item in items:
+        if "cifar_archive" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared)
