@@ -11,9 +11,11 @@ import sys
 from typing import Any
 
 
-def _phase_epochs(phases: Any) -> int:  # an omegaconf ListConfig
-    """``${phase_epochs:${model.init_args.phases}}``: trainer epochs = sum of the PS phases'."""
-    return int(sum(int(p["epochs"]) for p in phases))
+def _phase_epochs(phases: Any) -> None:
+    """``${phase_epochs:...}`` in recipes written before ``trainer.max_epochs: null``: resolves to
+    null, i.e. "the sum of the phases", which the CLI derives from the phases actually used
+    (the interpolation was resolved at parse time, from the recipe's phases only)."""
+    return None
 
 
 def _num_classes_of(datamodule: Any) -> int | None:
@@ -23,8 +25,9 @@ def _num_classes_of(datamodule: Any) -> int | None:
 def lightning_main(argv: list[str] | None) -> None:
     """fit / validate / test / predict through LightningCLI (imported here: it is slow to import)."""
     import lightning as L
-    from lightning.pytorch.cli import LightningCLI
     from omegaconf import OmegaConf
+
+    from apq_lightning.checked_cli import CheckedLightningCLI, run_lightning_cli
 
     if not OmegaConf.has_resolver("phase_epochs"):
         # omegaconf >= 2.4 renamed register_new_resolver; support both.
@@ -32,7 +35,7 @@ def lightning_main(argv: list[str] | None) -> None:
             "phase_epochs", _phase_epochs
         )
 
-    class APQLightningCLI(LightningCLI):
+    class APQLightningCLI(CheckedLightningCLI):
         """LightningCLI that sizes the model's classifier from the datamodule.
 
         Both the model and the datamodule come from the recipe (``class_path``): image data
@@ -46,14 +49,17 @@ def lightning_main(argv: list[str] | None) -> None:
                 "data", "model.init_args.num_classes", compute_fn=_num_classes_of, apply_on="instantiate"
             )
 
-    APQLightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_kwargs={"overwrite": True},
-        args=argv,
+    run_lightning_cli(  # one-line errors, exit 2 (see checked_cli)
+        lambda: APQLightningCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        ),
+        argv,
     )
 
 
@@ -63,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from apq_lightning.hardware.commands import cost_main, lut_main
 
         return (lut_main if args[0] == "lut" else cost_main)(args[1:])
+    if args and args[0] == "search":
+        from apq_lightning.search.command import main as search_main
+
+        return search_main(args[1:])
     lightning_main(argv)  # None: LightningCLI reads sys.argv itself
     return 0
 

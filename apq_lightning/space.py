@@ -330,6 +330,11 @@ def list_spaces() -> list[str]:
 def get_space(space: str | SearchSpace) -> SearchSpace:
     if isinstance(space, SearchSpace):
         return space
+    if not isinstance(space, str):
+        raise ValueError(
+            f"space must be the name of a search space ({', '.join(list_spaces())}), got "
+            f"{type(space).__name__} {space!r}"
+        )
     try:
         return _SPACES[space]
     except KeyError:
@@ -423,7 +428,7 @@ def _as_policy(bits: BitPolicy | Mapping[str, Sequence[int]] | None) -> BitPolic
         raise ValueError(
             f"bits: unknown keys {sorted(unknown)} / missing keys {sorted(missing)}; required: {list(BIT_FIELDS)}"
         )
-    return BitPolicy(*[tuple(int(v) for v in bits[f]) for f in BIT_FIELDS])
+    return BitPolicy(*[_int_tuple(bits[f], f"bits.{f}") for f in BIT_FIELDS])
 
 
 @dataclass(frozen=True)
@@ -542,40 +547,43 @@ class Subnet:
             name = want
         if name is None:
             raise ValueError("subnet JSON: missing key 'space' (e.g. \"apq_cifar\")")
+        if "bits" in d and d["bits"] is None:
+            raise ValueError(
+                f"subnet JSON: bits is null; omit 'bits' for a full-precision subnet, or give an object "
+                f"with keys {list(BIT_FIELDS)}"
+            )
         return cls(get_space(name).name, d["depths"], d["kernels"], d["widths"], _as_policy(d.get("bits")))
 
     @classmethod
     def from_json(cls, text: str, space: str | SearchSpace | None = None) -> Subnet:
-        return cls.from_dict(json.loads(text), space)
+        return cls.from_dict(_parse_json(text), space)
 
     # ---- APQ reference format ------------------------------------------------------------
     @classmethod
     def from_apq(cls, spec: Mapping[str, Any], space: str | SearchSpace = "apq_imagenet") -> Subnet:
         """Import an APQ reference spec: ``ks``, ``e`` (expand ratios), ``d``, ``*_bits_setting``.
 
-        ``mid = make_divisible(e · Cin, 8)`` with the MobileNet rounding rule (timm's helper);
+        ``mid = make_divisible(e · Cin, 8)`` with the MobileNet rounding rule;
         a stage whose blocks cannot be skipped takes its fixed depth whatever ``d`` says,
-        as the reference network does.
+        as the reference network does. ``ks``, ``d`` and the bits follow the integer rule of
+        every other field (3.9 or "3" is refused, never truncated); ``e`` is a ratio, so any
+        finite positive number.
         """
-        from timm.layers import make_divisible  # lazy: keeps the space importable without torch
-
         sp = get_space(space)
         for key in ("ks", "e", "d"):
             if key not in spec:
                 raise ValueError(f"APQ spec: missing key {key!r} (have {sorted(spec)})")
-        d = list(spec["d"])
+        d = _int_tuple(spec["d"], "APQ spec: d")
         if len(d) not in (sp.num_stages, sp.num_stages - 1):
             raise ValueError(f"APQ spec: 'd' has {len(d)} entries, space {sp.name!r} needs {sp.num_stages}")
         depths = []
         for s, allowed in enumerate(sp.stage_depth_choices):
-            depths.append(allowed[0] if len(allowed) == 1 else int(d[s]))
-        e = list(spec["e"])
+            depths.append(allowed[0] if len(allowed) == 1 else d[s])
+        e = _ratio_tuple(spec["e"], "APQ spec: e")
         _check_len("e", e, sp.num_blocks, "one per block", sp.name)
-        widths = [make_divisible(float(r) * b.in_channels, sp.width_step) for r, b in zip(e, sp.blocks)]
-        bits = None
-        if any(k in spec for k in APQ_BIT_KEYS.values()):
-            bits = {f: spec[k] for f, k in APQ_BIT_KEYS.items()}
-        return cls(sp.name, depths, spec["ks"], widths, _as_policy(bits))
+        widths = [make_divisible(r * b.in_channels, sp.width_step) for r, b in zip(e, sp.blocks)]
+        kernels = _int_tuple(spec["ks"], "APQ spec: ks")
+        return cls(sp.name, tuple(depths), kernels, tuple(widths), _apq_policy(spec))
 
     def to_apq(self) -> dict[str, Any]:
         """Export in the APQ reference's spec format (skipped blocks: ks 3, e 4, 8 bits, as it does)."""
@@ -593,19 +601,68 @@ class Subnet:
         return spec
 
 
+def _listlike(values: Any, name: str, what: str) -> list[Any]:
+    """The entries of a JSON list; a string, mapping or scalar is refused whole (never split)."""
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a list of {what}, got {type(values).__name__} {_short(values)}")
+    return list(values)
+
+
 def _int_tuple(values: Iterable[Any], name: str) -> tuple[int, ...]:
-    try:
-        seq = list(values)
-    except TypeError:
-        raise ValueError(f"{name} must be a list of integers, got {values!r}") from None
+    """Integers only: 4.7 or "4" is an error naming ``name``, never silently 4 (4.0 is 4)."""
     out = []
-    for v in seq:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) and not (
-            isinstance(v, float) and v.is_integer()
-        ):
-            raise ValueError(f"{name} must hold integers, got {v!r}")
+    for i, v in enumerate(_listlike(values, name, "integers")):
+        is_int = isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        if not (is_int or isinstance(v, float) and v.is_integer()):
+            raise ValueError(f"{name}[{i}] must be an integer, got {type(v).__name__} {_short(v)}")
         out.append(int(v))
     return tuple(out)
+
+
+def _ratio_tuple(values: Iterable[Any], name: str) -> tuple[float, ...]:
+    """Finite positive numbers (APQ's expand ratios); strings, null, inf and NaN are errors."""
+    out = []
+    for i, v in enumerate(_listlike(values, name, "numbers")):
+        number = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+        if not number or not math.isfinite(v) or v <= 0:
+            raise ValueError(f"{name}[{i}] must be a finite number > 0, got {type(v).__name__} {_short(v)}")
+        out.append(float(v))
+    return tuple(out)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` cut to one readable line (a 100k-character value must not flood the terminal)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return text[: limit - 3] + "..."
+
+
+def _apq_policy(spec: Mapping[str, Any]) -> dict[str, tuple[int, ...]] | None:
+    """The four ``*_bits_setting`` lists of an APQ spec: all four (quantized) or none (float)."""
+    present = [k for k in APQ_BIT_KEYS.values() if k in spec]
+    if not present:
+        return None
+    if len(present) != len(APQ_BIT_KEYS):
+        missing = [k for k in APQ_BIT_KEYS.values() if k not in spec]
+        raise ValueError(
+            f"APQ spec: has {present} but not {missing}; give all four *_bits_setting keys, or none for "
+            f"a full-precision subnet"
+        )
+    return {f: _int_tuple(spec[k], f"APQ spec: {k}") for f, k in APQ_BIT_KEYS.items()}
+
+
+def make_divisible(value: float, divisor: int = 8) -> int:
+    """The MobileNet channel rounding rule that APQ uses for ``mid = e · Cin``.
+
+    Nearest multiple of ``divisor`` (halves round up), at least ``divisor``, and one step up
+    where rounding down lost more than 10 % of the value. Written here rather than imported
+    from ``timm.layers.make_divisible`` (DESIGN §2 names it) because timm imports torch and
+    this module must stay torch-free (the ``cost`` command parses APQ specs); a test checks
+    that both agree on many values.
+    """
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 def _check_len(name: str, values: Sequence[Any], n: int, what: str, space: str) -> None:
@@ -625,30 +682,54 @@ def _check_value(sp: SearchSpace, block: int, name: str, value: int, allowed: Se
 # Files
 # --------------------------------------------------------------------------------------
 def load_subnets(path: str | Path, space: str | SearchSpace | None = None) -> list[Subnet]:
-    """Read one subnet (``.json``) or many (``.jsonl``, one per line; or a JSON list)."""
+    """Read one subnet (``.json``) or many (``.jsonl``, one per line; or a JSON list).
+
+    Every failure is a ``ValueError`` (``FileNotFoundError`` for a missing file) whose message
+    names the file (and the line of a ``.jsonl``): a directory, a binary file, JSON nested too
+    deeply to parse, or a subnet that does not validate.
+    """
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"subnet file not found: {p}")
-    text = p.read_text()
+    text = _read_text(p, "subnet file")
     if p.suffix == ".jsonl":
         out = []
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    out.append(Subnet.from_json(line, space))
-                except (ValueError, json.JSONDecodeError) as err:
-                    raise ValueError(f"{p}:{n}: {err}") from err
+                    out.append(Subnet.from_dict(_parse_json(line), space))
+                except ValueError as err:
+                    raise ValueError(f"{p}:{n}: {err}") from None
         return out
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{p}: not valid JSON: {err}") from err
-    try:
+        data = _parse_json(text)
         if isinstance(data, list):
             return [Subnet.from_dict(x, space) for x in data]
         return [Subnet.from_dict(data, space)]
     except ValueError as err:
-        raise ValueError(f"{p}: {err}") from err
+        raise ValueError(f"{p}: {err}") from None
+
+
+def _read_text(p: Path, what: str) -> str:
+    """A UTF-8 text file; a missing path, a directory or binary content named in one line."""
+    if not p.exists():
+        raise FileNotFoundError(f"{what} not found: {p}")
+    if p.is_dir():
+        raise ValueError(f"{p} is a directory; expected a {what} (.json or .jsonl)")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{p}: not a text (UTF-8 JSON) {what}: {err.reason} at byte {err.start}") from None
+    except OSError as err:
+        raise ValueError(f"{p}: cannot read the {what}: {err.strerror or err}") from None
+
+
+def _parse_json(text: str) -> Any:
+    """``json.loads`` with its two failure modes turned into one-line ``ValueError``s."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON: {err}") from None
+    except RecursionError:
+        raise ValueError("not a subnet: JSON nested too deeply to parse") from None
 
 
 def load_subnet(path: str | Path, space: str | SearchSpace | None = None) -> Subnet:

@@ -259,7 +259,7 @@ def trained_cifar_ckpt(tmp_path_factory, digits32, seed) -> Path:
 
 
 @pytest.mark.slow
-def test_ptq8_keeps_accuracy_ptq4_loses_and_qat_recovers(trained_cifar_ckpt, digits32, tmp_path):
+def test_ptq8_keeps_accuracy_ptq4_loses_and_qat_recovers(trained_cifar_ckpt, digits32, tmp_path, seed):
     sp = get_space("apq_cifar")
     test_loader = digits32.test_dataloader()  # 360 images: one point = 3.6 images
     fp = load_supernet(str(trained_cifar_ckpt)).extract(sp.largest()).to(memory_format=CL)

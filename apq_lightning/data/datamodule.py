@@ -114,8 +114,9 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; allowed: {', '.join(DATASETS)}")
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError("batch sizes must be >= 1")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if train_subset is not None and train_subset < 1:
             raise ValueError(f"train_subset must be >= 1, got {train_subset}")
         self.save_hyperparameters()

@@ -219,6 +219,16 @@ class CostModel(ABC):
         return self.evaluate(np.stack([self.space.to_genome(s) for s in subnets]))
 
 
+def _check_num_classes(num_classes: int | None, space: SearchSpace) -> int:
+    """The classifier width: the space's default for ``None``, else an integer >= 1 (0 or -5
+    would silently shrink the classifier's BitOps and size)."""
+    if num_classes is None:
+        return default_num_classes(space)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+    return int(num_classes)
+
+
 class LayerwiseCost(CostModel):
     """Sum of per-layer prices + fixed head/tail; ``pricer=None`` gives BitOps and size only."""
 
@@ -227,7 +237,7 @@ class LayerwiseCost(CostModel):
         self.space = get_space(space)
         self.pricer = pricer
         self.hardware = hardware
-        self.num_classes = int(num_classes or default_num_classes(self.space))
+        self.num_classes = _check_num_classes(num_classes, self.space)
         self._cache: dict[LayerQuery, Priced | None] = {}
         self._build()
 

@@ -27,7 +27,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from apq_lightning.hardware.geometry import default_num_classes, distinct_block_convs
-from apq_lightning.hardware.table import FLOAT_BITS, ConvShape, Cost, CostTable, format_key, load_table
+from apq_lightning.hardware.table import (
+    FLOAT_BITS,
+    ConvShape,
+    Cost,
+    CostTable,
+    check_build_settings,
+    format_key,
+    load_table,
+)
 from apq_lightning.layers import ConvBNAct, InvertedResidual
 from apq_lightning.space import SearchSpace, get_space
 
@@ -159,7 +167,14 @@ def build_table(
 ) -> CostTable:
     """Time every distinct layer of ``space`` on ``device`` and return (and write) the table."""
     sp = get_space(space)
-    dev = torch.device(device)
+    check_build_settings(batch=batch, repeats=repeats, warmup=warmup, threads=threads, num_classes=num_classes,
+                         stat=stat)
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"out {out} is a directory; give a table file path such as {Path(out) / 'lut.json'}")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1): {err}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
     previous_threads = torch.get_num_threads()
@@ -173,7 +188,7 @@ def build_table(
 
 def _build(sp: SearchSpace, dev: torch.device, out: str | Path | None, batch: int, repeats: int, warmup: int,
            num_classes: int | None, stat: str, save_every: float, progress: bool) -> CostTable:
-    n_cls = int(num_classes or default_num_classes(sp))
+    n_cls = default_num_classes(sp) if num_classes is None else num_classes
     meta = {"space": sp.name, "device": str(dev), "device_name": device_name(dev), "batch": batch,
             "num_classes": n_cls, "repeats": repeats, "warmup": warmup, "stat": stat,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": "float32", "complete": False}

@@ -32,6 +32,14 @@ META_KEY = "__meta__"
 FLOAT_BITS = 32
 """Bits written in the key of a float (unquantized) measurement: ``-W32A32``."""
 
+MAX_COST = 1e6
+"""Upper bound of one entry's latency (ms) or energy (mJ): a layer taking 1,000 s or 1 kJ is a
+unit or measurement error, and bounded entries keep every subnet's sum finite (an entry near
+1e308 would overflow to ``inf``, which reads as infeasible)."""
+
+META_INTS: dict[str, int] = {"batch": 1, "num_classes": 1, "repeats": 1, "warmup": 0, "threads": 1}
+"""Integer fields of ``__meta__`` and their smallest allowed value (checked on read and write)."""
+
 BITFUSION_SPACE = "apq_imagenet"
 BITFUSION_SHA256 = "ac7b951ca87eefc1a53f9cb195d12868ae89e58cd81f8dbe4a49dd0faaede705"
 
@@ -148,9 +156,7 @@ class CostTable:
         if not isinstance(data, Mapping):
             raise ValueError(f"{name}: a cost table must be a JSON object of key -> {{latency, energy}}, "
                              f"got {type(data).__name__}")
-        meta = data.get(META_KEY, {})
-        if not isinstance(meta, Mapping):
-            raise ValueError(f"{name}: key {META_KEY!r} must hold an object, got {type(meta).__name__}")
+        meta = _check_meta(data.get(META_KEY, {}), name)
         entries: dict[LayerQuery, Cost] = {}
         fixed: dict[str, Cost] = {}
         for key, value in data.items():
@@ -178,11 +184,19 @@ class CostTable:
         return out
 
     def save(self, path: str | Path) -> None:
-        """Write atomically (temp file + rename) so an interrupted write never leaves half a table."""
+        """Write atomically (temp file + rename) so an interrupted write never leaves half a table.
+
+        The table is validated by the same rules as on reading first, so a file this project
+        writes always loads again.
+        """
         p = Path(path)
+        if p.is_dir():
+            raise ValueError(f"{p} is a directory; give a cost table file path such as {p / 'lut.json'}")
+        data = self.to_dict()
+        CostTable.from_dict(data, str(p))
         p.parent.mkdir(parents=True, exist_ok=True)
         tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
         os.replace(tmp, p)
 
 
@@ -193,12 +207,47 @@ def _parse_value(value: Any, key: str, name: str) -> Cost:
     out = []
     for field_name in ("latency", "energy"):
         v = value.get(field_name, math.nan)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or (field_name in value and not math.isfinite(v)):
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not numeric or (field_name in value and isinstance(v, float) and not math.isfinite(v)):
             raise ValueError(f"{name}: entry {key!r} has a non-numeric {field_name} {v!r}")
-        if v < 0:
-            raise ValueError(f"{name}: entry {key!r} has a negative {field_name} {v!r}")
+        if v < 0 or v > MAX_COST:
+            raise ValueError(f"{name}: entry {key!r} has {field_name} {v!r}; allowed: 0 to {MAX_COST:g} "
+                             f"(ms / mJ per layer)")
         out.append(float(v))
     return Cost(*out)
+
+
+def check_build_settings(*, stat: str = "median", **settings: int | None) -> None:
+    """ValueError naming the first build setting (``batch``, ``repeats``, ``warmup``, ``threads``,
+    ``num_classes``) that is not an integer within :data:`META_INTS`; ``threads`` and
+    ``num_classes`` may be ``None`` (torch's / the space's default). Checked before measuring
+    and again, as ``__meta__``, whenever a table is read or written: batch 0 would time nothing
+    and write meaningless latencies."""
+    for key, value in settings.items():
+        if value is None and key in ("threads", "num_classes"):
+            continue
+        low = META_INTS[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+    if stat not in ("median", "min"):
+        raise ValueError(f"stat must be 'median' or 'min', got {stat!r}")
+
+
+def _check_meta(meta: Any, name: str) -> dict[str, Any]:
+    """``__meta__``: an object whose integer settings are integers in range (a table with
+    ``num_classes: -5`` would shrink the classifier's BitOps and size without a word)."""
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"{name}: key {META_KEY!r} must hold an object, got {type(meta).__name__}")
+    for key, low in META_INTS.items():
+        v = meta.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name}: {META_KEY}.{key} must be an integer >= {low}, got {v!r}")
+    space = meta.get("space")
+    if space is not None and not isinstance(space, str):
+        raise ValueError(f"{name}: {META_KEY}.space must be a space name, got {space!r}")
+    return dict(meta)
 
 
 def _cost_json(cost: Cost) -> dict[str, float]:
@@ -211,12 +260,18 @@ def _cost_json(cost: Cost) -> dict[str, float]:
 def load_table(path: str | Path) -> CostTable:
     """Read and validate a table file; errors name the file (and the key where one is at fault)."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{p} is a directory, not a cost table file (a .json written by 'lut build')")
     if not p.is_file():
         raise ValueError(f"cost table file not found: {p}")
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{p}: not a JSON cost table: {err}") from err
+        raise ValueError(f"{p}: not a JSON cost table: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{p}: not a JSON cost table: nested too deeply to parse") from None
+    except OSError as err:
+        raise ValueError(f"{p}: cannot read the cost table: {err.strerror or err}") from None
     return CostTable.from_dict(data, str(p))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from itertools import islice
 from typing import Any
@@ -19,6 +20,48 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature:
     t = temperature
     soft = F.softmax(teacher / t, dim=1)
     return -(soft * F.log_softmax(student / t, dim=1)).sum(dim=1).mean() * (t * t)
+
+
+_RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    # name: (low, high, low included, high included)
+    "lr": (0.0, math.inf, False, False),
+    "momentum": (0.0, 1.0, True, True),
+    "weight_decay": (0.0, math.inf, True, False),
+    "warmup_epochs": (0.0, math.inf, True, False),
+    "kd_ratio": (0.0, math.inf, True, False),
+    "kd_temperature": (0.0, math.inf, False, False),
+    "label_smoothing": (0.0, 1.0, True, False),
+    "dropout": (0.0, 1.0, True, False),
+}
+_MIN_INTS: dict[str, int] = {"subnets_per_step": 1, "num_random_eval": 0, "bn_calib_batches": 1}
+
+
+def _check_number(name: str, value: Any) -> None:
+    low, high, low_in, high_in = _RANGES[name]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+    if not ok:
+        lo, hi = ("[" if low_in else "("), ("]" if high_in else ")")
+        raise ValueError(f"{name} must be a number in {lo}{low:g}, {high:g}{hi}, got {value!r}")
+
+
+def check_optimizer_args(**values: Any) -> None:
+    """Refuse optimiser settings at construction (``lr: -0.1`` would otherwise fail only when
+    fitting starts, inside torch). Messages start with the argument's name, which the CLI
+    turns into the recipe key (``model.init_args.lr``)."""
+    for name, value in values.items():
+        _check_number(name, value)
+
+
+def check_training_args(**values: Any) -> None:
+    """Like :func:`check_optimizer_args` for loss / sampling settings and integer counts."""
+    for name, value in values.items():
+        if name in _MIN_INTS:
+            low = _MIN_INTS[name]
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        else:
+            _check_number(name, value)
 
 
 def configure_sgd_cosine(

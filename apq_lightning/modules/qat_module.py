@@ -46,6 +46,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from apq_lightning.layers import SubnetModel
 from apq_lightning.modules.common import (
     calibration_batches,
+    check_optimizer_args,
+    check_training_args,
     configure_sgd_cosine,
     distillation_loss,
     to_channels_last,
@@ -78,10 +80,11 @@ def resolve_subnet(
     the result has no bit policy (say ``policy: float`` to finetune a float subnet on purpose)."""
     if isinstance(subnet, Subnet):
         sub = subnet
-    elif isinstance(subnet, (str, Path)):
-        sub = load_subnet(subnet, space)
-    elif isinstance(subnet, dict):
-        sub = Subnet.from_dict(subnet, space)
+    elif isinstance(subnet, (str, Path, dict)):
+        try:  # messages start with the argument's name: the CLI names the recipe key
+            sub = load_subnet(subnet, space) if not isinstance(subnet, dict) else Subnet.from_dict(subnet, space)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"subnet: {err}") from None
     elif subnet is None:
         if space is None:
             raise ValueError("QATModule: give `subnet` (a JSON path or dict) or `space` (then its largest subnet is used)")
@@ -157,6 +160,9 @@ class QATModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         check_method(method)
+        check_optimizer_args(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
+        check_training_args(kd_ratio=kd_ratio, kd_temperature=kd_temperature, label_smoothing=label_smoothing,
+                            dropout=dropout)
         if teacher not in ("subnet", "largest"):
             raise ValueError(f"teacher = {teacher!r}; allowed: 'subnet', 'largest'")
         if calib_batches < 1:
@@ -187,7 +193,10 @@ class QATModule(L.LightningModule):
             warnings.warn(RANDOM_INIT_WARNING, stacklevel=3)
             rank_zero_only(print)(RANDOM_INIT_WARNING, flush=True)
             return Supernet(space or "apq_cifar", num_classes, dropout)
-        net = load_supernet(ckpt)
+        try:
+            net = load_supernet(ckpt)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"supernet_ckpt: {err}") from None
         if space is not None and get_space(space).name != net.space.name:
             raise ValueError(f"supernet_ckpt {ckpt} is for space {net.space.name!r}, but space={space!r}")
         if net.num_classes != num_classes:

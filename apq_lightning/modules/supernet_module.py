@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,12 +24,15 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from apq_lightning.modules.common import (
     calibration_batches,
+    check_optimizer_args,
+    check_training_args,
     configure_sgd_cosine,
     distillation_loss,
     to_channels_last,
 )
 from apq_lightning.space import SearchSpace, Subnet, get_space
 from apq_lightning.supernet import Supernet, recalibrate_bn
+from apq_lightning.torch_io import read_torch_file
 
 PHASE_NAMES = ("full", "kernel", "depth", "width")
 
@@ -50,10 +54,13 @@ class Phase:
     widths: Literal["max", "coarse", "all"] | None = None
 
     def __post_init__(self) -> None:
+        # Messages start with "phases" so that the CLI can name the recipe key.
         if self.name not in PHASE_NAMES:
-            raise ValueError(f"phase name {self.name!r} unknown; allowed: {list(PHASE_NAMES)}")
-        if self.epochs < 1:
-            raise ValueError(f"phase {self.name!r}: epochs must be >= 1, got {self.epochs}")
+            raise ValueError(f"phases: phase name {self.name!r} unknown; allowed: {list(PHASE_NAMES)}")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"phases: phase {self.name!r} has epochs={self.epochs!r}; must be an integer >= 1")
+        if self.widths not in (None, "max", "coarse", "all"):
+            raise ValueError(f"phases: phase {self.name!r} has widths={self.widths!r}; allowed: max, coarse, all")
 
 
 @dataclass
@@ -119,6 +126,20 @@ def default_phases(epochs: int = 1) -> list[Phase]:
     ]
 
 
+def _as_phases(phases: Any) -> list[Phase]:
+    """The phase list (``None``: :func:`default_phases`); an empty list trains nothing, so it is
+    an error rather than a silent fall-back to the default schedule."""
+    if phases is None:
+        return default_phases()
+    if isinstance(phases, (str, bytes, dict)) or not isinstance(phases, (list, tuple)):
+        raise ValueError(f"phases must be a list of phases ({{name, epochs, ...}}), got {type(phases).__name__} "
+                         f"{phases!r}")
+    if not phases:
+        raise ValueError("phases is empty, which trains nothing; give at least one phase, e.g. "
+                         "[{name: full, epochs: 1}], or leave phases out for the default schedule")
+    return [p if isinstance(p, Phase) else Phase(**p) for p in phases]
+
+
 class SupernetModule(L.LightningModule):
     """Trains a :class:`Supernet` with progressive shrinking + in-place distillation."""
 
@@ -143,14 +164,22 @@ class SupernetModule(L.LightningModule):
         channels_last: bool = True,
     ) -> None:
         super().__init__()
-        self.space = get_space(space)
-        self.phases = [p if isinstance(p, Phase) else Phase(**p) for p in (phases or default_phases())]
+        try:
+            self.space = get_space(space)
+        except ValueError as err:
+            raise ValueError(f"space: {err}") from None
+        self.phases = _as_phases(phases)
+        check_training_args(subnets_per_step=subnets_per_step, kd_ratio=kd_ratio, kd_temperature=kd_temperature,
+                            label_smoothing=label_smoothing, dropout=dropout, num_random_eval=num_random_eval,
+                            bn_calib_batches=bn_calib_batches)
+        check_optimizer_args(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
         # Plain dicts in the checkpoint so that it loads with weights_only=True.
         self.save_hyperparameters(ignore=["phases"])
         self.hparams["phases"] = [asdict(p) for p in self.phases]
-        self._choices = [resolve_phase(p, self.space) for p in self.phases]
-        if subnets_per_step < 1:
-            raise ValueError(f"subnets_per_step must be >= 1, got {subnets_per_step}")
+        try:
+            self._choices = [resolve_phase(p, self.space) for p in self.phases]
+        except ValueError as err:
+            raise ValueError(f"phases: {err}") from None
         self.supernet = Supernet(self.space, num_classes, dropout)
         rng = np.random.default_rng([seed, 7919])
         self.eval_subnets: dict[str, Subnet] = {"largest": self.space.largest(), "smallest": self.space.smallest()}
@@ -189,10 +218,18 @@ class SupernetModule(L.LightningModule):
     def on_fit_start(self) -> None:
         self._place_teacher()  # a teacher restored from a checkpoint was built on the CPU
         max_epochs = self.trainer.max_epochs
-        if max_epochs is not None and 0 < max_epochs < self.total_phase_epochs and not self.trainer.fast_dev_run:
-            self.print(
-                f"warning: trainer.max_epochs={max_epochs} ends before the phases' {self.total_phase_epochs} "
-                f"epochs; later phases will not run"
+        total = self.total_phase_epochs
+        if max_epochs is None or max_epochs < 0 or max_epochs == total or self.trainer.fast_dev_run:
+            return
+        if max_epochs < total:
+            rank_zero_warn(
+                f"trainer.max_epochs={max_epochs} ends before the phases' {total} epochs; phases from epoch "
+                f"{max_epochs} on will not run (leave trainer.max_epochs unset to train them all)"
+            )
+        else:
+            rank_zero_warn(
+                f"trainer.max_epochs={max_epochs} is longer than the phases' {total} epochs; the last phase "
+                f"({self.phases[-1].name!r}) continues for {max_epochs - total} more"
             )
 
     def on_train_epoch_start(self) -> None:
@@ -320,12 +357,22 @@ class SupernetModule(L.LightningModule):
 
 
 def load_supernet(path: str, map_location: str | torch.device = "cpu") -> Supernet:
-    """The supernet of a stage-1 checkpoint (``.ckpt`` from this module), loaded safely."""
-    ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    h = ckpt.get("hyper_parameters", {})
-    if "state_dict" not in ckpt or "space" not in h:
-        raise ValueError(f"{path}: not a SupernetModule checkpoint (needs 'state_dict' and hyper_parameters.space)")
-    net = Supernet(h["space"], h["num_classes"], h.get("dropout", 0.0))
+    """The supernet of a stage-1 checkpoint (``.ckpt`` from this module), loaded safely.
+
+    Any file that is not one (truncated, empty, text, a bare tensor, pickled code, another
+    module's checkpoint) is a one-line ``ValueError`` naming it (``FileNotFoundError`` when
+    missing).
+    """
+    ckpt = read_torch_file(path, "checkpoint", map_location=map_location)
+    h = ckpt.get("hyper_parameters")
+    if not isinstance(ckpt.get("state_dict"), dict) or not isinstance(h, dict) or not {"space", "num_classes"} <= set(h):
+        raise ValueError(f"{path}: not a SupernetModule checkpoint (needs 'state_dict' and hyper_parameters "
+                         f"'space' and 'num_classes')")
     prefix = "supernet."
-    net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    try:
+        net = Supernet(h["space"], h["num_classes"], h.get("dropout", 0.0))
+        net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    except (ValueError, TypeError, RuntimeError) as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: damaged SupernetModule checkpoint ({detail})") from None
     return net

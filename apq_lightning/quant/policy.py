@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from apq_lightning.batches import iter_images
 from apq_lightning.layers import SubnetModel
 from apq_lightning.space import BIT_FIELDS, BitPolicy, SearchSpace, Subnet, get_space
+from apq_lightning.torch_io import read_torch_file
 
 from .calibrate import release_scratch
 from .layers import QuantLayerMixin, calibrate, quantizable_layers, quantize_modules
@@ -543,20 +544,34 @@ def save_quantized(model: SubnetModel, path: str | Path, metadata: Mapping[str, 
 
 def load_quantized(path: str | Path, map_location: str | torch.device = "cpu") -> SubnetModel:
     """A model written by :func:`save_quantized` (loaded with ``weights_only=True``), in eval
-    mode; ``model.metadata`` holds what was stored beside it (e.g. accuracies)."""
-    payload = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != QUANTIZED_FORMAT:
+    mode; ``model.metadata`` holds what was stored beside it (e.g. accuracies).
+
+    Any file that is not one (truncated, empty, text, a bare tensor, pickled code, a damaged
+    payload) is a one-line ``ValueError`` naming it (``FileNotFoundError`` when missing).
+    """
+    payload = read_torch_file(path, "quantized model file", map_location=map_location)
+    if payload.get("format") != QUANTIZED_FORMAT:
         raise ValueError(f"{path}: not a quantized subnet file (format {QUANTIZED_FORMAT!r})")
+    try:
+        model = _quantized_from_payload(payload)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        detail = f"missing key {err}" if isinstance(err, KeyError) else str(err).strip().splitlines()[0]
+        raise ValueError(f"{path}: damaged quantized model file ({detail})") from None
+    model.to(map_location)
+    return model.eval()
+
+
+def _quantized_from_payload(payload: Mapping[str, Any]) -> SubnetModel:
+    """Rebuild the quantized model of a :func:`save_quantized` payload (KeyError etc. if damaged)."""
     subnet = Subnet.from_dict(payload["subnet"])
     q = payload["quant"]
     model = SubnetModel(subnet, int(payload["num_classes"]), float(payload.get("dropout", 0.0)))
     plan = {n: (w, a, s) for n, (w, a, s) in q["layers"].items()}
     quantize_modules(model, plan, default=(None, None), method=q["method"], per_channel=bool(q["per_channel"]))
     model.load_state_dict(payload["state_dict"])
-    model.to(map_location)
     model.quant_config = {"fixed_bits": q["fixed_bits"], "method": q["method"], "per_channel": bool(q["per_channel"])}
     model.metadata = dict(payload.get("metadata", {}))
-    return model.eval()
+    return model
 
 
 def clone_float(model: nn.Module) -> nn.Module:

@@ -1,0 +1,111 @@
+"""Predicted-vs-true scatter of an accuracy predictor, written when fitting ends.
+
+Pairwise accuracy, Kendall's τ and RMSE are single numbers; the scatter shows *where* a
+predictor fails (a compressed range, a biased tail, one kind of sample off the diagonal), which
+decides whether more samples, a ranking loss or a transfer would help.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics.functional.regression import kendall_rank_corrcoef
+
+from apq_lightning.metrics import pairwise_accuracy
+
+
+@torch.no_grad()
+def predict_split(
+    pl_module: L.LightningModule, loader: torch.utils.data.DataLoader
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(preds, targets)`` of a ``(features, acc)`` loader, in eval mode, on the module's device."""
+    predictor = pl_module.predictor
+    was_training = predictor.training
+    predictor.eval()
+    preds, targets = [], []
+    try:
+        for x, y in loader:
+            preds.append(predictor(x.to(pl_module.device)).float().cpu())
+            targets.append(y.float().cpu())
+    finally:
+        predictor.train(was_training)
+    if not preds:
+        return torch.zeros(0), torch.zeros(0)
+    return torch.cat(preds), torch.cat(targets)
+
+
+def scatter_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+    n = len(preds)
+    return {
+        "n": n,
+        "pairwise_acc": float(pairwise_accuracy(preds, targets)) if n > 1 else float("nan"),
+        "kendall_tau": float(kendall_rank_corrcoef(preds, targets)) if n > 1 else float("nan"),
+        "rmse": float(torch.sqrt(torch.mean((preds - targets) ** 2))) if n else float("nan"),
+    }
+
+
+class PredictorScatter(L.Callback):
+    """At fit end, plot predicted vs true accuracy of one held-out split as a PNG (+ JSON).
+
+    Args:
+        out: PNG path; the numbers (metrics, and every ``[true, predicted]`` pair) go beside it
+            as ``.json``.
+        split: ``val`` or ``test`` (the datamodule's ``val_dataloader`` / ``test_dataloader``).
+    """
+
+    def __init__(self, out: str = "predictor_scatter.png", split: Literal["val", "test"] = "val") -> None:
+        if split not in ("val", "test"):
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
+        self.out = out
+        self.split = split
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(pl_module, "predictor"):
+            return
+        loader = dm.val_dataloader() if self.split == "val" else dm.test_dataloader()
+        preds, targets = predict_split(pl_module, loader)
+        if len(preds) == 0:
+            print(f"predictor scatter: the {self.split} split is empty, nothing to plot", flush=True)
+            return
+        self.write(preds, targets, title=f"{pl_module.predictor._name()}, {self.split} split")
+
+    def write(self, preds: torch.Tensor, targets: torch.Tensor, title: str = "") -> dict[str, float]:
+        """Plot and save; returns the metrics (also usable without a trainer)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        m = scatter_metrics(preds, targets)
+        path = Path(self.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        t, p = targets.numpy(), preds.numpy()
+        lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
+        pad = 0.02 * (hi - lo or 1.0)
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.scatter(t, p, s=6, alpha=0.5, edgecolors="none")
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=0.8, ls="--")
+        ax.set_xlim(lo - pad, hi + pad)
+        ax.set_ylim(lo - pad, hi + pad)
+        ax.set_xlabel("true accuracy")
+        ax.set_ylabel("predicted accuracy")
+        ax.set_title(
+            f"{title}\npairwise {m['pairwise_acc']:.3f}  τ {m['kendall_tau']:.3f}  RMSE {m['rmse']:.4f}  (n={m['n']})",
+            fontsize=9,
+        )
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        payload = {"split": self.split, "metrics": m, "true_pred": [[float(a), float(b)] for a, b in zip(t, p)]}
+        path.with_suffix(".json").write_text(json.dumps(payload))
+        print(f"predictor scatter: {path} (pairwise {m['pairwise_acc']:.3f}, tau {m['kendall_tau']:.3f}, "
+              f"rmse {m['rmse']:.4f})", flush=True)
+        return m

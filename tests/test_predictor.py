@@ -1,0 +1,648 @@
+"""Accuracy predictor, ranking metrics, sample datamodule, predictor module and recipes (issue 7)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from test_encoding import reference_features
+
+from apq_lightning.callbacks import PredictorScatter
+from apq_lightning.cli import main as cli_main
+from apq_lightning.collection.store import SampleRecord, TornLineWarning
+from apq_lightning.data import SubnetSampleDataModule
+from apq_lightning.data.samples import arch_key, genomes_from_dicts
+from apq_lightning.encoding import get_encoder
+from apq_lightning.metrics import PairwiseAccuracy, count_inversions, pairwise_accuracy
+from apq_lightning.modules import PredictorModule
+from apq_lightning.modules.predictor_module import pairwise_ranking_loss
+from apq_lightning.predictor import FORMAT, AccuracyPredictor
+from apq_lightning.space import get_space
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic samples
+# --------------------------------------------------------------------------------------------
+def true_accuracy(space: str, genomes: np.ndarray, quantized: bool) -> np.ndarray:
+    """A ground truth a predictor can learn: additive per-choice effects plus a depth × bits
+    interaction, in [0, 1]. Float subnets score their architecture only."""
+    enc = get_encoder(space)
+    w = np.random.default_rng(123).normal(0.0, 0.01, enc.dim)
+    x = enc.encode_genomes(genomes, quantized=True)
+    if not quantized:
+        x[:, enc.fp_dim:] = 0
+    active = get_space(space).genome_active(genomes).sum(axis=1)
+    bits = x[:, enc.fp_dim:].sum(axis=1) / max(1, enc.quant_dim)
+    return np.clip(0.55 + x @ w + 0.002 * active * bits, 0.0, 1.0)
+
+
+def write_store(path: Path, space: str, kind: str, n: int, seed: int = 0, supernet_hash: str = "abc123",
+                genomes: np.ndarray | None = None, start_index: int = 0) -> np.ndarray:
+    """``n`` records in the collection's format; returns their genomes."""
+    sp = get_space(space)
+    genomes = sp.sample_genomes(seed, n) if genomes is None else genomes
+    quantized = kind != "fp"
+    accs = true_accuracy(space, genomes, quantized)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        for i, (g, a) in enumerate(zip(genomes, accs)):
+            rec = SampleRecord.measured(sp.from_genome(g, quantized=quantized), float(a), start_index + i, seed, kind,
+                                        supernet_hash, {"bn_batches": 1}, {"total_s": 0.1})
+            fh.write(rec.to_json() + "\n")
+    return genomes
+
+
+# --------------------------------------------------------------------------------------------
+# AccuracyPredictor
+# --------------------------------------------------------------------------------------------
+def test_state_dict_keys_are_the_reference_layout():
+    fp = AccuracyPredictor("apq_imagenet", quantized=False, base_acc=0.7)
+    mp = AccuracyPredictor("apq_imagenet", quantized=True)
+    layer_keys = [f"layers.{i}.0.{p}" for i in range(3) for p in ("weight", "bias")]
+    assert list(fp.state_dict()) == layer_keys + ["regressor.weight", "regressor.bias"]
+    assert set(mp.state_dict()) == set(fp.state_dict()) | {"quantize_fc.weight", "quantize_fc.bias"}
+    assert fp.layers[0][0].weight.shape == (400, 520) and mp.quantize_fc.weight.shape == (400, 252)
+    assert fp.regressor.bias.item() == pytest.approx(0.7)
+    assert (fp.space, fp.quantized, fp.encoder.fp_dim) == ("apq_imagenet", False, 520)
+
+
+def test_forward_fp_ignores_bits_and_mp_needs_them():
+    fp = AccuracyPredictor("tiny", quantized=False, hidden=32)
+    mp = AccuracyPredictor("tiny", quantized=True, hidden=32)
+    enc = fp.encoder
+    x = torch.from_numpy(enc.encode_genomes(enc.space.sample_genomes(0, 8)))
+    assert fp(x).shape == (8,) and mp(x).shape == (8,)
+    torch.testing.assert_close(fp(x), fp(x[:, : enc.fp_dim]))
+    with pytest.raises(ValueError, match="needs the quantized encoding"):
+        mp(x[:, : enc.fp_dim])
+    with pytest.raises(ValueError, match=r"shape \(N, 174\) or \(N, 426\)"):
+        fp(x[:, :100])
+
+
+def test_forward_is_the_design_formula():
+    mp = AccuracyPredictor("tiny", quantized=True, hidden=16)
+    enc = mp.encoder
+    x = torch.from_numpy(enc.encode_genomes(enc.space.sample_genomes(1, 4)))
+    h = torch.relu(mp.layers[0][0](x[:, : enc.fp_dim])) + mp.quantize_fc(x[:, enc.fp_dim:])
+    h = mp.layers[2](mp.layers[1](h))
+    torch.testing.assert_close(mp(x), mp.regressor(h)[:, 0])
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_predict_accepts_every_population_form(quantized):
+    pred = AccuracyPredictor("apq_cifar", quantized=quantized, hidden=64)
+    sp = get_space("apq_cifar")
+    genomes = sp.sample_genomes(3, 40)
+    subnets = [sp.from_genome(g) for g in genomes]
+    want = pred.predict(genomes)
+    assert want.shape == (40,) and want.dtype == torch.float32 and not want.requires_grad
+    for form in (subnets, [s.to_dict() for s in subnets], [s.to_apq() for s in subnets], torch.from_numpy(genomes),
+                 genomes.astype(np.int16)):
+        torch.testing.assert_close(pred.predict(form), want, rtol=0, atol=0)
+    one = pred.predict(subnets[5])  # a batch of one: another matmul kernel, so rounding may differ
+    torch.testing.assert_close(one, want[5:6], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(pred.predict(subnets[5].to_dict()), one, rtol=0, atol=0)
+    dense = get_encoder(sp).encode_genomes(genomes, quantized)
+    torch.testing.assert_close(pred.predict(dense), want, rtol=1e-5, atol=1e-6)  # dense path: other sum order
+    assert pred.predict([]).shape == (0,)
+    assert pred.training  # predict() restores the mode it found
+
+
+def test_fp_predictor_ignores_bits_of_subnets():
+    pred = AccuracyPredictor("tiny", quantized=False, hidden=32)
+    sp = get_space("tiny")
+    subnets = [sp.sample(i, quantized=True) for i in range(6)]
+    torch.testing.assert_close(pred.predict(subnets), pred.predict([s.with_bits(None) for s in subnets]))
+
+
+def test_predict_errors_are_named():
+    mp = AccuracyPredictor("apq_cifar", quantized=True, hidden=16)
+    with pytest.raises(ValueError, match="space 'tiny'.*space 'apq_cifar'"):
+        mp.predict([get_space("tiny").sample(0, quantized=True)])
+    with pytest.raises(ValueError, match="float subnet"):
+        mp.predict([get_space("apq_cifar").sample(0)])
+    with pytest.raises(ValueError, match=r"genomes must have shape \(N, 132\)"):
+        mp.predict(np.zeros((2, 7), dtype=np.int64))
+    with pytest.raises(ValueError, match="columns|shape"):
+        mp.predict(np.zeros((2, 7), dtype=np.float32))
+    with pytest.raises(ValueError, match="expected a Subnet"):
+        mp.predict(["not a subnet"])
+
+
+def test_transfer_copies_shared_weights_and_zeroes_quantize_fc(tmp_path):
+    fp = AccuracyPredictor("tiny", quantized=False, hidden=32, base_acc=0.6)
+    with torch.no_grad():
+        for p in fp.parameters():
+            p.normal_()
+    sp = get_space("tiny")
+    genomes = sp.sample_genomes(0, 20)
+    for source in (fp, fp.save(tmp_path / "fp.pt")):
+        mp = AccuracyPredictor("tiny", quantized=True, hidden=32)
+        assert mp.transfer_from(source) is mp
+        for k, v in fp.state_dict().items():
+            torch.testing.assert_close(mp.state_dict()[k], v, rtol=0, atol=0)
+        assert (mp.quantize_fc.weight == 0).all() and (mp.quantize_fc.bias == 0).all()
+        # zero bit head: the transferred predictor is exactly the FP one, whatever the bits
+        torch.testing.assert_close(mp.predict(genomes), fp.predict(genomes))
+
+
+def test_transfer_errors_say_what_differs():
+    mp = AccuracyPredictor("tiny", quantized=True, hidden=32)
+    with pytest.raises(ValueError, match="hidden size 64.*32"):
+        mp.transfer_from(AccuracyPredictor("tiny", quantized=False, hidden=64))
+    with pytest.raises(ValueError, match="space 'apq_cifar'.*'tiny'"):
+        mp.transfer_from(AccuracyPredictor("apq_cifar", quantized=False, hidden=32))
+    with pytest.raises(ValueError, match="number of layers 2"):
+        mp.transfer_from(AccuracyPredictor("tiny", quantized=False, hidden=32, num_layers=2))
+    with pytest.raises(ValueError, match="is an MP predictor"):
+        mp.transfer_from(AccuracyPredictor("tiny", quantized=True, hidden=32))
+    with pytest.raises(ValueError, match="this one is FP"):
+        AccuracyPredictor("tiny", quantized=False, hidden=32).transfer_from(AccuracyPredictor("tiny", False, 32))
+
+
+def test_save_load_round_trip(tmp_path):
+    mp = AccuracyPredictor("tiny", quantized=True, hidden=24, num_layers=2, base_acc=0.4)
+    path = mp.save(tmp_path / "sub" / "mp.pt")
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == FORMAT and raw["space"] == "tiny" and raw["quantized"] is True
+    assert (raw["hidden"], raw["num_layers"]) == (24, 2)
+    back = AccuracyPredictor.load(path)
+    genomes = get_space("tiny").sample_genomes(0, 10)
+    torch.testing.assert_close(back.predict(genomes), mp.predict(genomes), rtol=0, atol=0)
+
+
+def test_load_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        AccuracyPredictor.load(tmp_path / "missing.pt")
+    (tmp_path / "text.pt").write_text("hello, I am not a checkpoint\n")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name in ("text.pt", "empty.pt"):
+        with pytest.raises(ValueError, match="cannot be read"):
+            AccuracyPredictor.load(tmp_path / name)
+        with pytest.raises(ValueError, match="cannot be read"):
+            AccuracyPredictor.from_apq_checkpoint(tmp_path / name)
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="holds a Tensor, not a dict"):
+        AccuracyPredictor.load(tmp_path / "tensor.pt")
+    with pytest.raises(ValueError, match="holds a Tensor, not a dict"):
+        AccuracyPredictor.from_apq_checkpoint(tmp_path / "tensor.pt")
+    torch.save({"layers.0.0.weight": torch.zeros(4, 520)}, tmp_path / "apq.pt")
+    with pytest.raises(ValueError, match="from_apq_checkpoint"):
+        AccuracyPredictor.load(tmp_path / "apq.pt")
+    torch.save({"foo": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a predictor checkpoint"):
+        AccuracyPredictor.load(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an APQ predictor state dict"):
+        AccuracyPredictor.from_apq_checkpoint(tmp_path / "other.pt")
+
+
+def reference_state_dict(quantized: bool, hidden: int = 48, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights with the APQ reference's keys and shapes (apq_imagenet: 520 + 252 inputs)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"layers.0.0": (hidden, 520), "layers.1.0": (hidden, hidden), "layers.2.0": (hidden, hidden),
+              "regressor": (1, hidden)}
+    if quantized:
+        shapes["quantize_fc"] = (hidden, 252)
+    out = {}
+    for name, (o, i) in shapes.items():
+        out[f"{name}.weight"] = torch.randn(o, i, generator=g) / i**0.5
+        out[f"{name}.bias"] = torch.randn(o, generator=g) * 0.1
+    return out
+
+
+def numpy_reference_forward(state: dict[str, torch.Tensor], features: np.ndarray, quantized: bool) -> np.ndarray:
+    s = {k: v.double().numpy() for k, v in state.items()}
+    x = features.astype(np.float64)
+    h = np.maximum(x[:, :520] @ s["layers.0.0.weight"].T + s["layers.0.0.bias"], 0)
+    if quantized:
+        h = h + x[:, 520:] @ s["quantize_fc.weight"].T + s["quantize_fc.bias"]
+    for i in (1, 2):
+        h = np.maximum(h @ s[f"layers.{i}.0.weight"].T + s[f"layers.{i}.0.bias"], 0)
+    return (h @ s["regressor.weight"].T + s["regressor.bias"])[:, 0]
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+@pytest.mark.parametrize("wrap", ["plain", "state_dict", "module", "state_dict+module"])
+def test_from_apq_checkpoint_matches_a_numpy_forward(tmp_path, quantized, wrap):
+    state = reference_state_dict(quantized)
+    saved: dict = {("module." + k if "module" in wrap else k): v for k, v in state.items()}
+    if "state_dict" in wrap:
+        saved = {"state_dict": saved, "epoch": 3}
+    torch.save(saved, tmp_path / "acc.pt")
+    pred = AccuracyPredictor.from_apq_checkpoint(tmp_path / "acc.pt")
+    assert (pred.quantized, pred.hidden, pred.space) == (quantized, 48, "apq_imagenet")
+    sp = get_space("apq_imagenet")
+    specs = [sp.sample(i, quantized=True).to_apq() for i in range(16)]
+    feats = np.stack([reference_features(s) for s in specs])
+    want = numpy_reference_forward(state, feats, quantized)
+    np.testing.assert_allclose(pred.predict(specs).double().numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_from_apq_checkpoint_shape_errors(tmp_path):
+    state = reference_state_dict(True)
+    state["layers.0.0.weight"] = torch.zeros(48, 500)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"layers.0.0.weight has shape \(48, 500\), expected \(48, 520\)"):
+        AccuracyPredictor.from_apq_checkpoint(tmp_path / "bad.pt")
+    state = reference_state_dict(True)
+    torch.save(state, tmp_path / "cifar.pt")
+    with pytest.raises(ValueError, match=r"expected \(48, 270\)"):
+        AccuracyPredictor.from_apq_checkpoint(tmp_path / "cifar.pt", space="apq_cifar")
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "extra.pt")
+    with pytest.raises(ValueError, match="unexpected keys.*extra.weight"):
+        AccuracyPredictor.from_apq_checkpoint(tmp_path / "extra.pt")
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+def brute_force_pairwise(p: torch.Tensor, t: torch.Tensor) -> float:
+    score = pairs = 0.0
+    for i, j in itertools.combinations(range(len(p)), 2):
+        if t[i] == t[j]:
+            continue
+        pairs += 1
+        s = (p[i] - p[j]) * (t[i] - t[j])
+        score += 1.0 if s > 0 else 0.5 if s == 0 else 0.0
+    return score / pairs
+
+
+def test_pairwise_accuracy_equals_brute_force_with_ties():
+    g = torch.Generator().manual_seed(0)
+    for n in (2, 3, 17, 150):
+        p = torch.randint(0, 6, (n,), generator=g).float()  # many predicted ties
+        t = torch.randint(0, 6, (n,), generator=g).float()  # many true ties
+        if len(t.unique()) < 2:
+            continue
+        assert pairwise_accuracy(p, t).item() == pytest.approx(brute_force_pairwise(p, t), abs=1e-6)
+        inversions = sum(1 for i, j in itertools.combinations(range(n), 2) if p[i] > p[j])
+        assert count_inversions(p) == inversions
+
+
+def test_pairwise_accuracy_edge_cases_and_kendall_relation():
+    t = torch.arange(10.0)
+    assert pairwise_accuracy(t, t).item() == 1.0
+    assert pairwise_accuracy(-t, t).item() == 0.0
+    assert pairwise_accuracy(torch.zeros(10), t).item() == 0.5  # predicted ties score half
+    assert torch.isnan(pairwise_accuracy(t, torch.ones(10)))  # no pair with different truth
+    from scipy.stats import kendalltau
+
+    x = torch.rand(5000, generator=torch.Generator().manual_seed(1))
+    y = x + 0.5 * torch.rand(5000, generator=torch.Generator().manual_seed(2))
+    tau = kendalltau(x.numpy(), y.numpy()).statistic
+    assert pairwise_accuracy(x, y).item() == pytest.approx((tau + 1) / 2, abs=1e-6)
+
+
+def test_pairwise_metric_accumulates_batches():
+    g = torch.Generator().manual_seed(3)
+    p, t = torch.rand(300, generator=g), torch.rand(300, generator=g)
+    metric = PairwiseAccuracy()
+    for a, b in zip(p.split(64), t.split(64)):
+        metric.update(a, b)
+    assert metric.compute().item() == pytest.approx(pairwise_accuracy(p, t).item())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+DDP_WORKER = """
+import json, os, sys
+import numpy as np, torch, torch.distributed as dist
+from apq_lightning.metrics import PairwiseAccuracy
+
+rank, world, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+torch.set_num_threads(1)
+data = torch.load(os.path.join(out, "data.pt"), weights_only=True)
+dist.init_process_group("gloo", rank=rank, world_size=world)
+metric = PairwiseAccuracy()
+# uneven shards, several updates each: what a DistributedSampler + batches would give
+shard = np.array_split(np.arange(len(data["preds"])), [70])[rank]
+for idx in np.array_split(shard, 3):
+    metric.update(data["preds"][idx], data["target"][idx])
+value = metric.compute().item()
+dist.destroy_process_group()
+open(os.path.join(out, f"rank{rank}.json"), "w").write(json.dumps(value))
+"""
+
+
+@pytest.mark.slow
+def test_pairwise_metric_under_ddp_equals_single_process(tmp_path):
+    """Two gloo processes (plain subprocesses: they import only torch and the metric, not this
+    test module) each see part of the data; both must compute the single-process value."""
+    g = torch.Generator().manual_seed(4)
+    preds, target = torch.rand(150, generator=g), torch.rand(150, generator=g).round(decimals=1)
+    torch.save({"preds": preds, "target": target}, tmp_path / "data.pt")
+    script = tmp_path / "worker.py"
+    script.write_text(DDP_WORKER)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2", str(tmp_path)], env=env) for r in range(2)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    want = pairwise_accuracy(preds, target).item()
+    for rank in range(2):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == pytest.approx(want, abs=1e-7)
+
+
+def test_pairwise_ranking_loss_prefers_the_true_order():
+    t = torch.tensor([0.1, 0.5, 0.3, 0.3])
+    good = pairwise_ranking_loss(t * 2, t)
+    bad = pairwise_ranking_loss(-t, t)
+    assert good < bad
+    assert pairwise_ranking_loss(torch.rand(4), torch.ones(4)) == 0  # no pair with different truth
+
+
+# --------------------------------------------------------------------------------------------
+# SubnetSampleDataModule
+# --------------------------------------------------------------------------------------------
+def test_datamodule_serves_features_and_mean(tmp_path):
+    write_store(tmp_path / "fp" / "samples.rank0.jsonl", "tiny", "fp", 120)
+    dm = SubnetSampleDataModule([str(tmp_path / "fp" / "samples*.jsonl")], quantized=False, batch_size=16)
+    dm.setup("fit")
+    assert dm.space == "tiny" and dm.supernet_hash == "abc123" and dm.feature_dim == 174
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 174) and y.shape == (16,) and x.dtype == torch.float32
+    sizes = [len(dm.dataset(s)) for s in ("train", "val", "test")]
+    assert sum(sizes) == 120 and min(sizes) > 0
+    assert dm.train_mean == pytest.approx(float(dm.dataset("train").accs.double().mean()))
+    x0, y0 = dm.dataset("val")[0]
+    assert x0.shape == (174,) and y0.shape == ()
+
+
+def test_fast_genome_parsing_equals_subnets_and_names_bad_values():
+    sp = get_space("apq_cifar")
+    subnets = [sp.sample(i, quantized=i % 2 == 0) for i in range(50)]
+    want = np.stack([sp.to_genome(s) for s in subnets])
+    for dicts in ([s.to_dict() for s in subnets], [s.to_apq() for s in subnets]):
+        np.testing.assert_array_equal(genomes_from_dicts(sp, dicts, ["x"] * 50), want)
+    bad = subnets[3].to_dict()
+    bad["widths"] = list(bad["widths"])
+    bad["widths"][0] = 33
+    with pytest.raises(ValueError, match=r"f:2: invalid subnet: .*block 0.*widths=33.*allowed"):
+        genomes_from_dicts(sp, [subnets[0].to_dict(), bad], ["f:1", "f:2"])
+
+
+def test_split_is_by_architecture_across_fp_and_mp_stores(tmp_path):
+    sp = get_space("tiny")
+    archs = sp.sample_genomes(0, 60)
+    write_store(tmp_path / "fp.jsonl", "tiny", "fp", 60, genomes=archs)
+    for k in range(3):  # the same architectures under other policies
+        g = archs.copy()
+        bit_genes = slice(sp.num_stages + 2 * sp.num_blocks, None)
+        g[:, bit_genes] = sp.sample_genomes(10 + k, 60)[:, bit_genes]
+        write_store(tmp_path / "mp.jsonl", "tiny", "mp_arch_policies", 60, seed=k, genomes=g, start_index=100 * k)
+    dm = SubnetSampleDataModule([str(tmp_path / "*.jsonl")], quantized=False, val_fraction=0.3, test_fraction=0.3)
+    dm.setup("fit")
+    owner: dict[str, set[str]] = {}
+    for split in ("train", "val", "test"):
+        for g in dm.dataset(split).genomes:
+            owner.setdefault(arch_key(sp.from_genome(g, quantized=False)), set()).add(split)
+    assert sum(len(dm.dataset(s)) for s in ("train", "val", "test")) == 240
+    assert len(owner) == 60 and all(len(v) == 1 for v in owner.values())
+    again = SubnetSampleDataModule([str(tmp_path / "*.jsonl")], quantized=False, val_fraction=0.3, test_fraction=0.3)
+    again.setup("fit")
+    np.testing.assert_array_equal(again.dataset("val").genomes, dm.dataset("val").genomes)
+
+
+def test_max_train_is_a_deterministic_nested_subset(tmp_path):
+    write_store(tmp_path / "s.jsonl", "tiny", "mp_random", 200)
+
+    def train_keys(cap: int | None) -> set[bytes]:
+        dm = SubnetSampleDataModule([str(tmp_path / "s.jsonl")], quantized=True, max_train=cap)
+        dm.setup("fit")
+        return {g.tobytes() for g in dm.dataset("train").genomes}
+
+    full, small, small2, large = train_keys(None), train_keys(20), train_keys(20), train_keys(60)
+    assert len(small) == 20 and small == small2 and small < large < full and len(large) == 60
+
+
+def test_store_refusals_name_file_line_and_values(tmp_path):
+    path = tmp_path / "mix.jsonl"
+    write_store(path, "tiny", "fp", 3)
+    write_store(path, "apq_cifar", "fp", 1)
+    where = re.escape(str(path))
+    with pytest.raises(ValueError, match=rf"{where}:4: record is for space 'apq_cifar'.*first record \({where}:1\)"):
+        SubnetSampleDataModule([str(path)]).setup("fit")
+    with pytest.raises(ValueError, match=rf"{where}:1: record is for space 'tiny'.*data.space says space 'apq_cifar'"):
+        SubnetSampleDataModule([str(path)], space="apq_cifar").setup("fit")
+    hashes = tmp_path / "hashes.jsonl"
+    write_store(hashes, "tiny", "fp", 2, supernet_hash="aaa")
+    write_store(hashes, "tiny", "fp", 1, supernet_hash="bbb")
+    where = re.escape(str(hashes))
+    with pytest.raises(ValueError, match=rf"{where}:3: record was measured on supernet 'bbb'.*'aaa'"):
+        SubnetSampleDataModule([str(hashes)]).setup("fit")
+    with pytest.raises(ValueError, match=rf"{where}:1: .*'aaa'.*data.supernet_hash says supernet_hash 'ccc'"):
+        SubnetSampleDataModule([str(hashes)], supernet_hash="ccc").setup("fit")
+    fp = tmp_path / "fp.jsonl"
+    write_store(fp, "tiny", "fp", 2)
+    with pytest.raises(ValueError, match=rf"{re.escape(str(fp))}:1: a 'fp' record without bits, but quantized=True"):
+        SubnetSampleDataModule([str(fp)], quantized=True).setup("fit")
+    with pytest.raises(ValueError, match="no sample files match"):
+        SubnetSampleDataModule([str(tmp_path / "nothing*.jsonl")]).setup("fit")
+
+
+def test_malformed_line_fails_with_file_and_line_but_torn_tail_is_skipped(tmp_path):
+    path = tmp_path / "s.jsonl"
+    write_store(path, "tiny", "fp", 30)
+    lines = path.read_text().splitlines(keepends=True)
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text("".join(lines) + lines[0][:40])
+    dm = SubnetSampleDataModule([str(torn)])
+    with pytest.warns(TornLineWarning, match=rf"{re.escape(str(torn))}:31"):
+        dm.setup("fit")
+    assert sum(len(dm.dataset(s)) for s in ("train", "val", "test")) == 30
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(lines[:2]) + lines[2][:40] + "\n" + "".join(lines[3:]))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:3: malformed sample record"):
+        SubnetSampleDataModule([str(bad)]).setup("fit")
+    wrong = json.loads(lines[0])
+    wrong["subnet"]["kernels"][0] = 4
+    wrong["key"] = "0" * 12
+    bad.write_text(lines[1] + json.dumps(wrong) + "\n")
+    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:2: malformed sample record.*kernels=4"):
+        SubnetSampleDataModule([str(bad)]).setup("fit")
+
+
+def test_duplicate_measurements_count_once(tmp_path):
+    write_store(tmp_path / "a" / "samples.rank0.jsonl", "tiny", "fp", 40)
+    (tmp_path / "a" / "samples.merged.jsonl").write_text((tmp_path / "a" / "samples.rank0.jsonl").read_text())
+    dm = SubnetSampleDataModule([str(tmp_path / "a" / "samples*.jsonl")])
+    dm.setup("fit")
+    assert sum(len(dm.dataset(s)) for s in ("train", "val", "test")) == 40
+
+
+def test_follow_reads_new_lines_and_waits_for_a_torn_tail(tmp_path):
+    path = tmp_path / "live.jsonl"
+    write_store(path, "tiny", "mp_random", 50)
+    dm = SubnetSampleDataModule([str(tmp_path / "*.jsonl")], quantized=True, follow=True, val_fraction=0,
+                                test_fraction=0)
+    dm.setup("fit")
+    assert len(dm.train_dataloader().dataset) == 50
+    more = tmp_path / "more.jsonl"
+    write_store(more, "tiny", "mp_random", 30, seed=1)
+    text = more.read_text()
+    cut = len(text) - 25
+    more.unlink()
+    path.write_text(path.read_text() + text[:cut])  # a write in progress
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # following: a partial last line is normal, not a warning
+        assert len(dm.train_dataloader().dataset) == 50 + 29
+    with open(path, "a") as fh:
+        fh.write(text[cut:])
+    assert len(dm.train_dataloader().dataset) == 80
+    write_store(tmp_path / "new_shard.jsonl", "tiny", "mp_random", 5, seed=2)  # a new file matching the glob
+    assert len(dm.train_dataloader().dataset) == 85
+
+
+def test_follow_sets_the_trainer_to_reload_dataloaders(tmp_path):
+    write_store(tmp_path / "s.jsonl", "tiny", "fp", 40)
+    dm = SubnetSampleDataModule([str(tmp_path / "s.jsonl")], follow=True)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, max_epochs=1)
+    dm.trainer = trainer
+    dm.setup("fit")
+    assert trainer.reload_dataloaders_every_n_epochs == 1
+
+
+def test_datamodule_argument_errors():
+    with pytest.raises(ValueError, match="stores"):
+        SubnetSampleDataModule([])
+    with pytest.raises(ValueError, match="sum below 1"):
+        SubnetSampleDataModule(["x"], val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(ValueError, match=r"kinds \['qat'\] unknown"):
+        SubnetSampleDataModule(["x"], kinds=["qat"])
+
+
+# --------------------------------------------------------------------------------------------
+# PredictorModule
+# --------------------------------------------------------------------------------------------
+def _trainer(tmp_path: Path, epochs: int) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+
+
+def test_predictor_learns_a_synthetic_ground_truth(tmp_path):
+    L.seed_everything(0)
+    write_store(tmp_path / "mp.jsonl", "tiny", "mp_random", 1500)
+    dm = SubnetSampleDataModule([str(tmp_path / "mp.jsonl")], quantized=True, batch_size=64)
+    module = PredictorModule(space="tiny", quantized=True, hidden=128, lr=2e-3)
+    trainer = _trainer(tmp_path, 12)
+    trainer.fit(module, dm)
+    val = dict(trainer.callback_metrics)
+    assert {"val/kendall_tau", "val/rmse", "val/loss", "train/loss"} <= set(val)
+    assert val["val/pairwise_acc"] >= 0.9, val
+    test = trainer.test(module, dm, verbose=False)[0]
+    assert test["test/pairwise_acc"] >= 0.9 and {"test/kendall_tau", "test/rmse", "test/loss"} <= set(test)
+
+
+def test_base_acc_comes_from_the_training_mean(tmp_path):
+    write_store(tmp_path / "fp.jsonl", "tiny", "fp", 80)
+    dm = SubnetSampleDataModule([str(tmp_path / "fp.jsonl")], quantized=False)
+    module = PredictorModule(space="tiny", quantized=False, hidden=16)
+    _trainer(tmp_path, 0).fit(module, dm)
+    assert module.predictor.regressor.bias.item() == pytest.approx(dm.train_mean, abs=1e-6)
+    fixed = PredictorModule(space="tiny", quantized=False, hidden=16, base_acc=0.25)
+    _trainer(tmp_path, 0).fit(fixed, dm)
+    assert fixed.predictor.regressor.bias.item() == pytest.approx(0.25)
+
+
+def test_ranking_loss_option_trains(tmp_path):
+    write_store(tmp_path / "fp.jsonl", "tiny", "fp", 200)
+    dm = SubnetSampleDataModule([str(tmp_path / "fp.jsonl")], quantized=False, batch_size=50)
+    for loss in ("ranking", "mse+ranking"):
+        module = PredictorModule(space="tiny", quantized=False, hidden=32, loss=loss)
+        trainer = _trainer(tmp_path, 1)
+        trainer.fit(module, dm)
+        assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_module_refuses_mismatched_data_and_bad_arguments(tmp_path):
+    write_store(tmp_path / "mp.jsonl", "tiny", "mp_random", 40)
+    dm = SubnetSampleDataModule([str(tmp_path / "mp.jsonl")], quantized=True)
+    with pytest.raises(ValueError, match="data.quantized=True but model.quantized=False"):
+        _trainer(tmp_path, 1).fit(PredictorModule(space="tiny", quantized=False, hidden=8), dm)
+    with pytest.raises(ValueError, match="space 'tiny'.*space 'apq_cifar'"):
+        _trainer(tmp_path, 1).fit(PredictorModule(space="apq_cifar", quantized=True, hidden=8), dm)
+    with pytest.raises(ValueError, match="set quantized=true"):
+        PredictorModule(space="tiny", quantized=False, transfer_from="x.pt")
+    with pytest.raises(ValueError, match="loss='l1'"):
+        PredictorModule(space="tiny", loss="l1")
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        PredictorModule(space="tiny", quantized=True, transfer_from=str(tmp_path / "nope.ckpt"))
+
+
+def test_scatter_writes_png_and_json(tmp_path):
+    preds, target = torch.rand(50), torch.rand(50)
+    m = PredictorScatter(out=str(tmp_path / "plots" / "scatter.png")).write(preds, target, title="t")
+    assert (tmp_path / "plots" / "scatter.png").stat().st_size > 1000
+    saved = json.loads((tmp_path / "plots" / "scatter.json").read_text())
+    assert saved["metrics"]["pairwise_acc"] == pytest.approx(m["pairwise_acc"]) and len(saved["true_pred"]) == 50
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes through the CLI
+# --------------------------------------------------------------------------------------------
+def _cli(recipe: str, tmp_path: Path, *extra: str) -> list[str]:
+    return ["fit", "--config", str(ROOT / "recipes" / recipe), "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.enable_progress_bar", "false", *extra]
+
+
+@pytest.mark.parametrize(("recipe", "space"), [("predictor_fp_tiny.yaml", "tiny"), ("predictor_fp.yaml", "apq_cifar")])
+def test_fp_recipe_fast_dev_run(tmp_path, monkeypatch, recipe, space):
+    monkeypatch.chdir(tmp_path)
+    write_store(tmp_path / "fp" / "samples.rank0.jsonl", space, "fp", 60)
+    args = _cli(recipe, tmp_path, "--trainer.fast_dev_run", "1",
+                "--data.init_args.stores", json.dumps([str(tmp_path / "fp" / "samples*.jsonl")]))
+    assert cli_main(args) == 0
+
+
+@pytest.mark.parametrize(("recipe", "space"), [("predictor_mp_tiny.yaml", "tiny"), ("predictor_mp.yaml", "apq_cifar")])
+def test_mp_recipe_fast_dev_run_with_transfer(tmp_path, monkeypatch, recipe, space):
+    monkeypatch.chdir(tmp_path)
+    write_store(tmp_path / "mp" / "samples.rank0.jsonl", space, "mp_random", 60)
+    fp = AccuracyPredictor(space, quantized=False).save(tmp_path / "fp.pt")
+    args = _cli(recipe, tmp_path, "--trainer.fast_dev_run", "1",
+                "--data.init_args.stores", json.dumps([str(tmp_path / "mp" / "samples*.jsonl")]),
+                "--model.init_args.transfer_from", str(fp))
+    assert cli_main(args) == 0
+    assert (tmp_path / "runs" / recipe.replace(".yaml", "") / "scatter_val.png").is_file()
+
+
+@pytest.mark.slow
+def test_recipe_chain_fp_then_mp_from_the_lightning_checkpoint(tmp_path, monkeypatch):
+    """Stage 3 then stage 5 on tiny, as documented: the MP recipe's default transfer_from is the
+    FP run's last.ckpt; both checkpoints load with weights_only=True."""
+    monkeypatch.chdir(tmp_path)
+    write_store(tmp_path / "runs" / "collect_fp_tiny" / "samples.rank0.jsonl", "tiny", "fp", 120)
+    write_store(tmp_path / "runs" / "collect_mp_tiny" / "samples.rank0.jsonl", "tiny", "mp_random", 120, seed=1)
+    short = ("--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2")
+    assert cli_main(_cli("predictor_fp_tiny.yaml", tmp_path, *short)) == 0
+    fp_ckpt = tmp_path / "runs" / "predictor_fp_tiny" / "checkpoints" / "last.ckpt"
+    assert torch.load(fp_ckpt, weights_only=True)["hyper_parameters"]["quantized"] is False
+    assert cli_main(_cli("predictor_mp_tiny.yaml", tmp_path, *short)) == 0
+    mp_ckpt = tmp_path / "runs" / "predictor_mp_tiny" / "checkpoints" / "last.ckpt"
+    torch.load(mp_ckpt, weights_only=True)
+    mp = AccuracyPredictor.load(mp_ckpt)
+    assert mp.quantized and mp.space == "tiny"
+    assert mp.predict(get_space("tiny").sample_genomes(0, 5)).shape == (5,)
+    summary = json.loads((tmp_path / "runs" / "predictor_mp_tiny" / "summary.json").read_text())
+    assert "val/pairwise_acc" in summary["metrics"]
+    reloaded = PredictorModule.load_from_checkpoint(mp_ckpt, transfer_from=None, weights_only=True)
+    torch.testing.assert_close(reloaded.predictor.state_dict(), mp.state_dict())
