@@ -146,7 +146,9 @@ def _check_config_files(args: Any) -> None:
             with open(str(path), encoding="utf-8") as f:
                 f.read()
         except UnicodeDecodeError as err:
-            raise ValueError(f"recipe {path} is not a text (UTF-8 YAML) file: {err.reason} at byte {err.start}") from None
+            raise ValueError(
+                f"recipe {path} is not a text (UTF-8 YAML) file: {err.reason} at byte {err.start}"
+            ) from None
 
 
 def _debug() -> bool:

@@ -152,7 +152,8 @@ def print_quality(res: dict, generations: int, scorer_name: str) -> None:
     print(f"{'method':<10} {'mean':>8} {'std':>8} {'min':>8} {'max':>8} {'scored':>8} {'wall s':>7}  per seed")
     for name, r in res.items():
         b = np.array(r["best"])
-        print(f"{name:<10} {b.mean():8.4f} {b.std():8.4f} {b.min():8.4f} {b.max():8.4f} {int(np.median(r['scored'])):8d} "
+        scored = int(np.median(r["scored"]))
+        print(f"{name:<10} {b.mean():8.4f} {b.std():8.4f} {b.min():8.4f} {b.max():8.4f} {scored:8d} "
               f"{np.median(r['wall']):7.2f}  " + " ".join(f"{x:.4f}" for x in b))
 
 

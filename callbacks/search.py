@@ -26,6 +26,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from apq_lightning.search import SearchResult, SearchSettings, as_budgets, prepare, run
 from apq_lightning.search.report import TABLE_COLUMNS, plot_search, table_rows
+from apq_lightning.search.runner import build_cost
 
 
 class EvolutionSearch(L.Callback):
@@ -80,9 +81,11 @@ class EvolutionSearch(L.Callback):
 
     def _search(self, predictor: Any, settings: SearchSettings) -> list[SearchResult]:
         results = []
+        cost = None
         for budget in self.budgets:  # one at a time, so one unreachable budget skips only itself
             try:
-                problems = prepare(predictor, self.hardware, [budget], settings)
+                cost = cost or build_cost(self.hardware, predictor.space, settings)
+                problems = prepare(predictor, self.hardware, [budget], settings, cost=cost)
             except ValueError as err:
                 rank_zero_warn(f"EvolutionSearch: skipping {budget}: {err}")
                 continue

@@ -18,10 +18,9 @@ import torch
 
 from apq_lightning.cli import main as cli_main
 from apq_lightning.hardware import load_table
-from apq_lightning.hardware.table import CostTable
 from apq_lightning.modules import SupernetModule, load_supernet
 from apq_lightning.quant.policy import load_quantized
-from apq_lightning.space import Subnet, get_space, load_subnets, make_divisible
+from apq_lightning.space import Subnet, get_space, make_divisible
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = get_space("tiny")
@@ -71,7 +70,8 @@ SUBNET_CASES = [
     pytest.param(changed(GOOD, bits_dw_a=[8.9] * N), "bits.dw_a[0] must be an integer, got float 8.9", id="bits-8.9"),
     pytest.param(changed(GOOD, bits_pw_a=["4"] * N), "bits.pw_a[0] must be an integer, got str '4'", id="bits-str"),
     pytest.param(changed(GOOD, bits_pw_w="8" * N), "bits.pw_w must be a list of integers, got str", id="bits-21-chars"),
-    pytest.param(changed(GOOD, bits_pw_w=None), "bits.pw_w must be a list of integers, got NoneType", id="bits-field-null"),
+    pytest.param(changed(GOOD, bits_pw_w=None), "bits.pw_w must be a list of integers, got NoneType",
+                 id="bits-field-null"),
     pytest.param(changed(GOOD, bits_pw_w=[[4]] * N), "bits.pw_w[0] must be an integer, got list", id="bits-nested"),
     pytest.param(changed(GOOD, bits_pw_w=[True] * N), "bits.pw_w[0] must be an integer, got bool", id="bits-bool"),
     pytest.param(changed(GOOD, bits=None), "bits is null; omit 'bits' for a full-precision subnet", id="bits-null"),
@@ -81,20 +81,28 @@ SUBNET_CASES = [
     pytest.param(changed(GOOD, depths="444441"), "depths must be a list of integers, got str", id="depth-str"),
     pytest.param(changed(GOOD, kernels=["3"] * N), "kernels[0] must be an integer, got str '3'", id="kernel-str"),
     pytest.param(changed(GOOD, widths=None), "widths must be a list of integers, got NoneType", id="widths-null"),
-    pytest.param(changed(GOOD, widths=[float("nan")] * N), "widths[0] must be an integer, got float nan", id="widths-nan"),
+    pytest.param(changed(GOOD, widths=[float("nan")] * N), "widths[0] must be an integer, got float nan",
+                 id="widths-nan"),
     pytest.param(changed(GOOD, space=["tiny"]), "space must be the name of a search space", id="space-list"),
     pytest.param(changed(GOOD, space={}), "space must be the name of a search space", id="space-dict"),
     pytest.param(changed(GOOD, space="nope"), "unknown search space 'nope'", id="space-unknown"),
     pytest.param(changed(GOOD, colour=1), "unknown keys ['colour']", id="unknown-key"),
     pytest.param([GOOD], "a subnet must be a JSON object, got list", id="not-an-object"),
     # the APQ reference format
-    pytest.param(changed(GOOD_APQ, e=[None] * N), "APQ spec: e[0] must be a finite number > 0, got NoneType", id="apq-e-null"),
-    pytest.param(changed(GOOD_APQ, e=[math.inf] * N), "APQ spec: e[0] must be a finite number > 0, got float inf", id="apq-e-inf"),
-    pytest.param(changed(GOOD_APQ, e=[math.nan] * N), "APQ spec: e[0] must be a finite number > 0, got float nan", id="apq-e-nan"),
-    pytest.param(changed(GOOD_APQ, e=["abc"] * N), "APQ spec: e[0] must be a finite number > 0, got str 'abc'", id="apq-e-abc"),
-    pytest.param(changed(GOOD_APQ, e=["6"] * N), "APQ spec: e[0] must be a finite number > 0, got str '6'", id="apq-e-str"),
-    pytest.param(changed(GOOD_APQ, e=[-4.0] * N), "APQ spec: e[0] must be a finite number > 0, got float -4.0", id="apq-e-neg"),
-    pytest.param(changed(GOOD_APQ, e=None), "APQ spec: e must be a list of numbers, got NoneType", id="apq-e-list-null"),
+    pytest.param(changed(GOOD_APQ, e=[None] * N), "APQ spec: e[0] must be a finite number > 0, got NoneType",
+                 id="apq-e-null"),
+    pytest.param(changed(GOOD_APQ, e=[math.inf] * N), "APQ spec: e[0] must be a finite number > 0, got float inf",
+                 id="apq-e-inf"),
+    pytest.param(changed(GOOD_APQ, e=[math.nan] * N), "APQ spec: e[0] must be a finite number > 0, got float nan",
+                 id="apq-e-nan"),
+    pytest.param(changed(GOOD_APQ, e=["abc"] * N), "APQ spec: e[0] must be a finite number > 0, got str 'abc'",
+                 id="apq-e-abc"),
+    pytest.param(changed(GOOD_APQ, e=["6"] * N), "APQ spec: e[0] must be a finite number > 0, got str '6'",
+                 id="apq-e-str"),
+    pytest.param(changed(GOOD_APQ, e=[-4.0] * N), "APQ spec: e[0] must be a finite number > 0, got float -4.0",
+                 id="apq-e-neg"),
+    pytest.param(changed(GOOD_APQ, e=None), "APQ spec: e must be a list of numbers, got NoneType",
+                 id="apq-e-list-null"),
     pytest.param(changed(GOOD_APQ, d=None), "APQ spec: d must be a list of integers, got NoneType", id="apq-d-null"),
     pytest.param(changed(GOOD_APQ, d=[3.9] * 6), "APQ spec: d[0] must be an integer, got float 3.9", id="apq-d-3.9"),
     pytest.param(changed(GOOD_APQ, ks=[5.5] * N), "APQ spec: ks[0] must be an integer, got float 5.5", id="apq-ks-5.5"),
@@ -118,7 +126,7 @@ def test_integer_valued_floats_are_integers():
     """The integer rule refuses 4.7 and "4" but keeps JSON's 4.0 (the same number)."""
     d = changed(GOOD, bits_pw_w=[4.0] * N, depths=[float(x) for x in GOOD["depths"]])
     assert Subnet.from_dict(d) == Subnet.from_dict(changed(GOOD, bits_pw_w=[4] * N))
-    apq = changed(GOOD_APQ, d=[float(x) for x in GOOD_APQ["d"]], e=[int(6)] * N)
+    apq = changed(GOOD_APQ, d=[float(x) for x in GOOD_APQ["d"]], e=[6] * N)
     assert Subnet.from_dict(apq) == Subnet.from_dict(GOOD_APQ)
 
 
@@ -180,7 +188,8 @@ COST_FILE_CASES = [
     pytest.param("", "not valid JSON", id="empty"),
     pytest.param("missing", "subnet file not found", id="missing"),
     pytest.param(json.dumps(changed(GOOD, bits_pw_w=[4.7] * N)), "bits.pw_w[0] must be an integer", id="bits-4.7"),
-    pytest.param(json.dumps(changed(GOOD_APQ, e=["abc"] * N)), "APQ spec: e[0] must be a finite number", id="apq-e-abc"),
+    pytest.param(json.dumps(changed(GOOD_APQ, e=["abc"] * N)), "APQ spec: e[0] must be a finite number",
+                 id="apq-e-abc"),
     pytest.param(json.dumps(changed(GOOD, space=["tiny"])), "space must be the name", id="space-list"),
 ]
 
@@ -206,7 +215,8 @@ def test_cost_jsonl_names_the_line(tmp_path, capsys):
 @pytest.mark.parametrize("args, fragment", [
     pytest.param(["--num-classes", "-5"], "argument --num-classes: must be an integer >= 1, got -5", id="classes--5"),
     pytest.param(["--num-classes", "0"], "argument --num-classes: must be an integer >= 1, got 0", id="classes-0"),
-    pytest.param(["--num-classes", "ten"], "argument --num-classes: must be an integer >= 1, got 'ten'", id="classes-str"),
+    pytest.param(["--num-classes", "ten"], "argument --num-classes: must be an integer >= 1, got 'ten'",
+                 id="classes-str"),
     pytest.param(["--hardware", "tpu"], "unknown hardware 'tpu'", id="hardware-unknown"),
     pytest.param(["--space", "nope"], "unknown search space 'nope'", id="space-unknown"),
 ])
@@ -378,7 +388,8 @@ def test_loaders_name_missing_files(tmp_path):
 
 
 def test_damaged_supernet_checkpoint_is_named(tmp_path):
-    net_ckpt = {"state_dict": {"supernet.nope": torch.ones(1)}, "hyper_parameters": {"space": "tiny", "num_classes": 10}}
+    net_ckpt = {"state_dict": {"supernet.nope": torch.ones(1)},
+                "hyper_parameters": {"space": "tiny", "num_classes": 10}}
     torch.save(net_ckpt, tmp_path / "d.ckpt")
     with pytest.raises(ValueError, match=r"d.ckpt: damaged SupernetModule checkpoint \(Error\(s\) in loading"):
         load_supernet(str(tmp_path / "d.ckpt"))
@@ -418,8 +429,8 @@ FIT_CASES = [
                  id="phases-empty"),
     pytest.param(["--model.init_args.phases", "[{name: full, epochs: 0}]"],
                  "model.init_args.phases: phase 'full' has epochs=0; must be an integer >= 1", id="epochs-0"),
-    pytest.param(["--model.init_args.phases", "[{name: fool, epochs: 1}]"], "model.init_args.phases.name: expected one of",
-                 id="phase-name"),
+    pytest.param(["--model.init_args.phases", "[{name: fool, epochs: 1}]"],
+                 "model.init_args.phases.name: expected one of", id="phase-name"),
     pytest.param(["--data.init_args.batch_size", "-3"], "data.init_args.batch_size must be an integer >= 1, got -3",
                  id="batch-size-negative"),
     pytest.param(["--model.init_args.subnets_per_step", "0"],
@@ -428,8 +439,8 @@ FIT_CASES = [
                  id="lr-negative"),
     pytest.param(["--model.init_args.momentum", "2"], "model.init_args.momentum must be a number in [0, 1]",
                  id="momentum-2"),
-    pytest.param(["--model.init_args.bn_calib_batches", "0"], "model.init_args.bn_calib_batches must be an integer >= 1",
-                 id="bn-calib-0"),
+    pytest.param(["--model.init_args.bn_calib_batches", "0"],
+                 "model.init_args.bn_calib_batches must be an integer >= 1", id="bn-calib-0"),
     pytest.param(["--model.init_args.space", "nope"], "model.init_args.space: unknown search space 'nope'",
                  id="space-unknown"),
     pytest.param(["--model.init_args.kd_ratoi", "1"], "model.init_args.kd_ratoi: unknown key", id="unknown-key"),
@@ -439,7 +450,8 @@ FIT_CASES = [
     # values in the recipe file
     pytest.param(("epochs: 4}", "epochs: three}"), "model.init_args.phases.epochs: expected int, got 'three'",
                  id="recipe-epochs-three"),
-    pytest.param((PHASES, "      - {name: full, epochs: -2}\n"), "phase 'full' has epochs=-2", id="recipe-epochs-negative"),
+    pytest.param((PHASES, "      - {name: full, epochs: -2}\n"), "phase 'full' has epochs=-2",
+                 id="recipe-epochs-negative"),
     pytest.param(("kd_ratio: 1.0", "kd_ratoi: 1.0"), "kd_ratoi", id="recipe-unknown-key"),
     pytest.param(("batch_size: 64", "batch_size: -1"), "data.init_args.batch_size must be an integer >= 1",
                  id="recipe-batch-size"),
@@ -499,7 +511,8 @@ def test_supernet_module_refuses_empty_phases():
 
 @pytest.mark.parametrize("option, value, fragment", [
     pytest.param("subnet", "DIR", "model.init_args.subnet: {DIR} is a directory", id="subnet-is-a-directory"),
-    pytest.param("subnet", "BITS47", "model.init_args.subnet: {BITS47}: bits.pw_w[0] must be an integer", id="bits-4.7"),
+    pytest.param("subnet", "BITS47", "model.init_args.subnet: {BITS47}: bits.pw_w[0] must be an integer",
+                 id="bits-4.7"),
     pytest.param("supernet_ckpt", "TEXT", "model.init_args.supernet_ckpt: checkpoint {TEXT} cannot be read",
                  id="supernet-ckpt-text"),
     pytest.param("supernet_ckpt", "EXPLOIT", "model.init_args.supernet_ckpt: checkpoint {EXPLOIT} cannot be read "
@@ -508,7 +521,8 @@ def test_supernet_module_refuses_empty_phases():
 ])
 def test_finetune_refuses(tmp_path, capsys, monkeypatch, option, value, fragment):
     monkeypatch.chdir(tmp_path)
-    files = {"DIR": tmp_path / "sub", "BITS47": _write(tmp_path / "s.json", json.dumps(changed(GOOD, bits_pw_w=[4.7] * N))),
+    files = {"DIR": tmp_path / "sub",
+             "BITS47": _write(tmp_path / "s.json", json.dumps(changed(GOOD, bits_pw_w=[4.7] * N))),
              "TEXT": _bad_torch_file(tmp_path, "text"), "EXPLOIT": _bad_torch_file(tmp_path, "pickled-code")}
     files["DIR"].mkdir()
     value = str(files.get(value, value))

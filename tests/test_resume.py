@@ -2,13 +2,14 @@
 
 The kill test runs the tiny supernet recipe (redirected to tmp_path, phases shortened) as a
 subprocess, SIGKILLs it at chosen and random moments -- mid-checkpoint-write, during
-validation, during training steps -- restarts it with ``--ckpt_path last`` each time, and checks
+validation, at a random moment of training -- restarts it with ``--ckpt_path last`` each time, and checks
 that the final run ends where an uninterrupted one would, with ``last.ckpt`` intact.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import signal
 import subprocess
@@ -136,7 +137,7 @@ class FitProcess:
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume(tmp_path):
-    """Killed mid-write, in validation, in steps and at a random moment, the run still ends at
+    """Killed mid-write, in validation and at a random moment of training, the run still ends at
     the same epoch and step as an uninterrupted one, each restart resumes (never restarts), no
     temporary is left in $TMPDIR or beside the checkpoints, and last.ckpt loads."""
     (tmp_path / "killhooks.py").write_text(HOOKS)
@@ -161,16 +162,13 @@ def test_sigkill_at_any_moment_then_resume(tmp_path):
     run = start()
     run.wait_for("val")
     run.kill()
-    # 3. killed during a training step, after a random number of them
+    # 3. killed at a random moment of training: after a random number of steps, a random delay
+    #    later (in a step, in validation or in a save)
     run = start()
     run.wait_for("step", rng.randint(1, BATCHES))
+    time.sleep(rng.uniform(0.0, 2.0))
     run.kill()
-    # 4. killed at a random moment of training (a step, validation or a save)
-    run = start()
-    run.wait_for("step")
-    time.sleep(rng.uniform(0.0, 3.0))
-    run.kill()
-    # 5. runs to the end
+    # 4. runs to the end
     run = start()
     assert run.finish() == 0, (tmp_path / "fit.log").read_text()[-3000:]
 
@@ -233,7 +231,7 @@ def test_atomic_checkpoint_io_writes_beside_the_target(tmp_path, monkeypatch):
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]
     assert not list((tmp_path / "tmpdir").iterdir())
     # a failed write leaves the previous file and no temporary
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):  # a lambda cannot be pickled
         io.save_checkpoint({"bad": lambda: None}, target)
     assert torch.load(target, weights_only=True)["epoch"] == 1
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]

@@ -26,9 +26,9 @@ from apq_lightning.search import (
     ParetoConfig,
     SearchProblem,
     evolution_search,
+    pareto_search,
     parse_budgets,
     parse_constraint,
-    pareto_search,
     random_search,
 )
 from apq_lightning.search.genes import GeneSpec

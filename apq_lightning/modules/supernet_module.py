@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 import lightning as L
 import numpy as np
-from lightning.pytorch.utilities import rank_zero_warn
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -365,7 +365,8 @@ def load_supernet(path: str, map_location: str | torch.device = "cpu") -> Supern
     """
     ckpt = read_torch_file(path, "checkpoint", map_location=map_location)
     h = ckpt.get("hyper_parameters")
-    if not isinstance(ckpt.get("state_dict"), dict) or not isinstance(h, dict) or not {"space", "num_classes"} <= set(h):
+    hparams_ok = isinstance(h, dict) and {"space", "num_classes"} <= set(h)
+    if not isinstance(ckpt.get("state_dict"), dict) or not hparams_ok:
         raise ValueError(f"{path}: not a SupernetModule checkpoint (needs 'state_dict' and hyper_parameters "
                          f"'space' and 'num_classes')")
     prefix = "supernet."

@@ -121,11 +121,11 @@ class GeneSpec:
         """Re-draw each block's genes (kernel, width, its four bits) with probability ``prob``,
         and each stage's depth gene with the same probability (the paper's mutation)."""
         sp = self.space
-        n = len(parents)
-        unit = rng.random((n, sp.num_blocks + sp.num_stages)) < prob  # blocks, then stages
-        redraw = unit[:, self.block_of_gene]
-        fresh = (rng.random(parents.shape) * sp.gene_cardinality).astype(np.int64)
-        return self.hold(np.where(redraw, fresh, parents))
+        unit = rng.random((len(parents), sp.num_blocks + sp.num_stages)) < prob  # blocks, then stages
+        rows, cols = np.nonzero(unit[:, self.block_of_gene])  # only ~prob of the genes: draw just those
+        out = parents.copy()
+        out[rows, cols] = (rng.random(len(rows)) * sp.gene_cardinality[cols]).astype(np.int64)
+        return self.hold(out)
 
     def crossover(self, rng: np.random.Generator, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Each gene from either parent with probability 1/2 (uniform crossover)."""

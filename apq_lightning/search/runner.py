@@ -68,9 +68,17 @@ def resolve_bits(bits: BitsMode | str, quantized: bool) -> BitsMode:
     return bits
 
 
+def build_cost(hardware: str, space: str, settings: SearchSettings) -> FastCost:
+    """The cost model of ``hardware`` for ``space`` with its block tables (built once, reusable)."""
+    kw = {} if settings.num_classes is None else {"num_classes": settings.num_classes}
+    return FastCost.of(get_cost_model(hardware, get_space(space), **kw))
+
+
 def prepare(predictor: Any, hardware: str, budgets: Sequence[Budget], settings: SearchSettings,
-            space: str | None = None) -> list[SearchProblem]:
-    """One validated problem per search to run (one per budget; one for Pareto mode)."""
+            space: str | None = None, cost: FastCost | None = None) -> list[SearchProblem]:
+    """One validated problem per search to run (one per budget; one for Pareto mode).
+
+    ``cost`` reuses tables from :func:`build_cost` (they must be for ``hardware`` and the space)."""
     if not budgets:
         raise ValueError("give at least one budget, e.g. latency_ms=8.4")
     own = getattr(predictor, "space", None)
@@ -79,8 +87,8 @@ def prepare(predictor: Any, hardware: str, budgets: Sequence[Budget], settings: 
                          f"ranks subnets of its own space only (drop --space or pass --space {own})")
     scorer = as_scorer(predictor, space)
     sp = get_space(space if space is not None else getattr(scorer, "space", None) or predictor.space)
-    kw = {} if settings.num_classes is None else {"num_classes": settings.num_classes}
-    cost = FastCost.of(get_cost_model(hardware, sp, **kw))
+    if cost is None or cost.space.name != sp.name:
+        cost = build_cost(hardware, sp.name, settings)
     bits = resolve_bits(settings.bits, bool(getattr(scorer, "quantized", True)))
     if settings.mode == "pareto":
         for b in budgets:  # every budget must be reachable on its own
