@@ -2,9 +2,14 @@
 
 Everything here is ordinary ``nn.Conv2d`` / ``nn.BatchNorm2d`` / ``nn.Linear`` so that an
 extracted subnet can be quantized, exported or deployed without any supernet code.
-Module names are part of the contract with the quantization code: inside a block the three
-convs are ``expand.conv``, ``depthwise.conv`` and ``project.conv``; every block carries the
-space's ``block_index`` it came from.
+Module names are part of the contract with the quantization code and are listed in
+:mod:`apq_lightning.layout`: inside a block the three convs are ``expand.conv``,
+``depthwise.conv`` and ``project.conv``; every block carries the space's ``block_index`` it
+came from.
+
+The fixed layers (stem, first block, head conv, classifier) are built here once, from the
+layout's geometry, for every network that has them: :class:`SubnetModel`, the supernet and
+the modules timed for a latency table (:mod:`apq_lightning.hardware.measure`).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from apq_lightning.space import Subnet, get_space
+from apq_lightning.layout import ConvShape, FixedLayerSpec, fixed_layer
+from apq_lightning.space import SearchSpace, Subnet, get_space
 
 
 class ConvBNAct(nn.Sequential):
@@ -30,6 +36,13 @@ class ConvBNAct(nn.Sequential):
         if act:
             layers["act"] = nn.ReLU6(inplace=True)
         super().__init__(layers)
+
+
+def conv_unit(shape: ConvShape, act: bool) -> ConvBNAct:
+    """The network's unit for one conv of the layout (conv + BN (+ ReLU6)); 'same' padding only."""
+    if shape.padding != shape.kernel // 2:
+        raise ValueError(f"layer {shape}: only 'same' padding (k//2) is built by the network")
+    return ConvBNAct(shape.in_channels, shape.out_channels, shape.kernel, shape.stride, shape.groups, act=act)
 
 
 class InvertedResidual(nn.Module):
@@ -54,17 +67,69 @@ class InvertedResidual(nn.Module):
         return x + y if self.residual else y
 
 
-class SubnetModel(nn.Module):
+# ---- the fixed layers, from the layout ----------------------------------------------------------
+def _fixed(space: SearchSpace, role: str, num_classes: int = 1) -> tuple[FixedLayerSpec, ConvShape]:
+    spec = fixed_layer(role)
+    return spec, spec.shape(space, num_classes)
+
+
+def build_stem(space: SearchSpace) -> ConvBNAct:
+    spec, shape = _fixed(space, "stem")
+    return conv_unit(shape, spec.act)
+
+
+def build_first_block(space: SearchSpace) -> InvertedResidual:
+    """The fixed first MBConv (expand ratio 1): depthwise and project of the layout."""
+    _, dw = _fixed(space, "first.depthwise")
+    _, pw = _fixed(space, "first.project")
+    return InvertedResidual(dw.in_channels, dw.out_channels, pw.out_channels, dw.kernel, dw.stride, expand=False)
+
+
+def build_head(space: SearchSpace) -> ConvBNAct:
+    spec, shape = _fixed(space, "head")
+    return conv_unit(shape, spec.act)
+
+
+def build_classifier(space: SearchSpace, num_classes: int) -> nn.Linear:
+    spec, shape = _fixed(space, "classifier", num_classes)
+    return nn.Linear(shape.in_channels, shape.out_channels, bias=spec.bias)
+
+
+class MBConvNet(nn.Module):
+    """What every network of a space shares: stem → first block → ``blocks`` → head conv →
+    pool → dropout → classifier. Subclasses set ``self.blocks`` between :meth:`_build_front`
+    and :meth:`_build_back` (the attribute order fixes the state-dict and module order) and
+    define how the blocks run in :meth:`run_blocks`."""
+
+    def _build_front(self, space: SearchSpace) -> None:
+        self.stem = build_stem(space)
+        self.first = build_first_block(space)
+
+    def _build_back(self, space: SearchSpace, num_classes: int, dropout: float) -> None:
+        self.head = build_head(space)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = build_classifier(space, num_classes)
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.run_blocks(self.first(self.stem(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.forward_features(x)).flatten(1)
+        return self.classifier(self.dropout(x))
+
+
+class SubnetModel(MBConvNet):
     """A standalone static network for one subnet (what ``Supernet.extract`` returns)."""
 
     def __init__(self, subnet: Subnet, num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
         space = get_space(subnet.space)
         self.subnet = subnet
-        self.stem = ConvBNAct(3, space.stem_channels, 3, space.stem_stride)
-        self.first = InvertedResidual(
-            space.stem_channels, space.stem_channels, space.first_block_channels, 3, 1, expand=False
-        )
+        self._build_front(space)
         blocks = []
         for i in subnet.active_blocks:
             spec = space.blocks[i]
@@ -75,14 +140,7 @@ class SubnetModel(nn.Module):
                 )
             )
         self.blocks = nn.Sequential(*blocks)
-        self.head = ConvBNAct(space.stage_channels[-1], space.head_channels, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(space.head_channels, num_classes)
+        self._build_back(space, num_classes, dropout)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.first(self.stem(x))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.forward_features(x)).flatten(1)
-        return self.classifier(self.dropout(x))
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -284,33 +285,18 @@ class SearchSpace:
                 f"build the subnet for {self.name!r} (registered spaces: {', '.join(list_spaces())})"
             )
 
-    def summary(self) -> str:
-        rows = [
-            f"space {self.name}: input {self.image_size}px, {self.num_blocks} elastic blocks in "
-            f"{self.num_stages} stages, {self.num_architectures():.3e} architectures"
-        ]
-        for b in self.blocks:
-            rows.append(
-                f"  block {b.index:2d} stage {b.stage} pos {b.position}: {b.in_channels:4d}->{b.out_channels:4d} "
-                f"stride {b.stride} {b.input_size:3d}px  mid {b.width_choices[0]}..{b.width_choices[-1]} "
-                f"({len(b.width_choices)} choices)"
-            )
-        return "\n".join(rows)
-
 
 # --------------------------------------------------------------------------------------
 # Registry
 # --------------------------------------------------------------------------------------
 _SPACES: dict[str, SearchSpace] = {}
-_FACTORIES: dict[str, Callable[[], SearchSpace]] = {}
 
 
 def register_space(fn: Callable[[], SearchSpace]) -> Callable[[], SearchSpace]:
     """Decorator: register a preset factory under the name of the space it returns (timm-style)."""
     space = fn()
-    if space.name in _FACTORIES:
+    if space.name in _SPACES:
         raise ValueError(f"space {space.name!r} is already registered")
-    _FACTORIES[space.name] = fn
     _SPACES[space.name] = space
     return fn
 
@@ -429,6 +415,52 @@ def _as_policy(bits: BitPolicy | Mapping[str, Sequence[int]] | None) -> BitPolic
             f"bits: unknown keys {sorted(unknown)} / missing keys {sorted(missing)}; required: {list(BIT_FIELDS)}"
         )
     return BitPolicy(*[_int_tuple(bits[f], f"bits.{f}") for f in BIT_FIELDS])
+
+
+# --------------------------------------------------------------------------------------
+# Named bit policies
+# --------------------------------------------------------------------------------------
+FLOAT_POLICY_NAMES: tuple[str, ...] = ("float", "fp", "fp32", "none")
+"""Names of the float "policy" (no bits: the blocks stay full precision)."""
+
+
+def is_float_policy_name(name: str) -> bool:
+    return str(name).strip().lower() in FLOAT_POLICY_NAMES
+
+
+def policy_names(space: str | SearchSpace) -> list[str]:
+    """Names :func:`named_policy` accepts for ``space``."""
+    bits = get_space(space).bit_choices
+    return ["float"] + [f"uniform{b}" for b in bits] + [f"w{w}a{a}" for w in bits for a in bits]
+
+
+def named_policy(space: str | SearchSpace, name: str) -> BitPolicy | None:
+    """Named baseline policies: ``uniform4`` / ``uniform6`` / ``uniform8`` (every active block at
+    those bits), ``w4a8``-style (weights / activations of every conv), ``float`` (``None``: no
+    policy, the blocks stay full precision)."""
+    sp = get_space(space)
+    key = str(name).strip().lower()
+    if key in FLOAT_POLICY_NAMES:
+        return None
+    m = re.fullmatch(r"uniform(\d+)", key) or re.fullmatch(r"w(\d+)a(\d+)", key)
+    if m is not None:
+        w = int(m.group(1))
+        a = int(m.group(2)) if m.lastindex == 2 else w
+        bad = [b for b in (w, a) if b not in sp.bit_choices]
+        if not bad:
+            return sp.uniform_policy((w, a, w, a))
+        raise ValueError(
+            f"policy {name!r}: {bad[0]} bits is not a bit choice of space {sp.name!r} "
+            f"(allowed: {list(sp.bit_choices)})"
+        )
+    raise ValueError(f"unknown policy {name!r}; named policies of space {sp.name!r}: {', '.join(policy_names(sp))}")
+
+
+def apply_named_policy(subnet: Subnet, policy: str | BitPolicy | Mapping[str, Sequence[int]] | int | None) -> Subnet:
+    """``subnet`` under ``policy`` (a name of :func:`named_policy`, a policy, or a uniform int)."""
+    if isinstance(policy, str):
+        return subnet.with_bits(named_policy(subnet.space, policy))
+    return subnet.with_bits(policy)
 
 
 @dataclass(frozen=True)

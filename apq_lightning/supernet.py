@@ -27,8 +27,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from apq_lightning.batches import iter_images
-from apq_lightning.layers import ConvBNAct, InvertedResidual, SubnetModel
+from apq_lightning.layers import InvertedResidual, MBConvNet, SubnetModel
+from apq_lightning.layout import BLOCK_CONVS, block_policy
 from apq_lightning.space import BlockSpec, SearchSpace, Subnet, get_space
+from apq_lightning.torch_io import read_torch_file
 
 
 # --------------------------------------------------------------------------------------
@@ -180,7 +182,7 @@ class DynamicMBConv(nn.Module):
 # --------------------------------------------------------------------------------------
 # Supernet
 # --------------------------------------------------------------------------------------
-class Supernet(nn.Module):
+class Supernet(MBConvNet):
     """Once-for-all supernet over a search space (see module docstring)."""
 
     def __init__(self, space: str | SearchSpace = "apq_cifar", num_classes: int = 10, dropout: float = 0.0) -> None:
@@ -188,13 +190,9 @@ class Supernet(nn.Module):
         self.space = get_space(space)
         sp = self.space
         self.num_classes = num_classes
-        self.stem = ConvBNAct(3, sp.stem_channels, 3, sp.stem_stride)
-        self.first = InvertedResidual(sp.stem_channels, sp.stem_channels, sp.first_block_channels, 3, 1, expand=False)
+        self._build_front(sp)
         self.blocks = nn.ModuleList(DynamicMBConv(b, sp.kernel_choices) for b in sp.blocks)
-        self.head = ConvBNAct(sp.stage_channels[-1], sp.head_channels, 1)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(sp.head_channels, num_classes)
+        self._build_back(sp, num_classes, dropout)
         self._init_weights()
         self.active_subnet: Subnet = sp.largest()
         self.set_active(self.active_subnet)
@@ -223,10 +221,9 @@ class Supernet(nn.Module):
         for i in subnet.active_blocks:
             blk = self.blocks[i]
             blk.set_active(subnet.kernels[i], subnet.widths[i])
-            pol = subnet.bits.block(i) if subnet.bits is not None else (None,) * 4
-            blk.expand_conv.active_bits = (pol[0], pol[1])
-            blk.project_conv.active_bits = (pol[0], pol[1])
-            blk.dw_conv.active_bits = (pol[2], pol[3])
+            policy = block_policy(subnet.bits.block(i) if subnet.bits is not None else None)
+            for conv in BLOCK_CONVS:
+                getattr(blk, conv.supernet_attr).active_bits = conv.layer_bits(policy)
 
     @contextmanager
     def activated(self, subnet: Subnet) -> Iterator[Supernet]:
@@ -241,15 +238,10 @@ class Supernet(nn.Module):
     def active_block_modules(self) -> list[DynamicMBConv]:
         return [self.blocks[i] for i in self.active_subnet.active_blocks]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.first(self.stem(x))
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.active_block_modules():
             x = blk(x)
-        return self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.forward_features(x)).flatten(1)
-        return self.classifier(self.dropout(x))
+        return x
 
     # ---- width re-sort ---------------------------------------------------------------------
     def sort_channels(self) -> None:
@@ -296,6 +288,38 @@ def _copy_bn(src: nn.BatchNorm2d, dst: nn.BatchNorm2d, c: int) -> None:
         getattr(dst, name).copy_(getattr(src, name)[:c])
     dst.num_batches_tracked.copy_(src.num_batches_tracked)
     dst.eps, dst.momentum = src.eps, src.momentum
+
+
+# --------------------------------------------------------------------------------------
+# Loading a trained supernet
+# --------------------------------------------------------------------------------------
+CHECKPOINT_PREFIX = "supernet."
+"""Prefix of the supernet's entries in a ``SupernetModule`` checkpoint's state dict."""
+
+
+def load_supernet(path: str, map_location: str | torch.device = "cpu") -> Supernet:
+    """The supernet of a stage-1 checkpoint (``.ckpt`` of ``SupernetModule``), loaded safely.
+
+    Reads the Lightning checkpoint as data (``weights_only=True``): its hyperparameters
+    ``space``, ``num_classes`` and ``dropout`` and the ``supernet.*`` entries of its state dict.
+    Any file that is not one (truncated, empty, text, a bare tensor, pickled code, another
+    module's checkpoint) is a one-line ``ValueError`` naming it (``FileNotFoundError`` when
+    missing).
+    """
+    ckpt = read_torch_file(path, "checkpoint", map_location=map_location)
+    h = ckpt.get("hyper_parameters")
+    hparams_ok = isinstance(h, dict) and {"space", "num_classes"} <= set(h)
+    if not isinstance(ckpt.get("state_dict"), dict) or not hparams_ok:
+        raise ValueError(f"{path}: not a SupernetModule checkpoint (needs 'state_dict' and hyper_parameters "
+                         f"'space' and 'num_classes')")
+    prefix = CHECKPOINT_PREFIX
+    try:
+        net = Supernet(h["space"], h["num_classes"], h.get("dropout", 0.0))
+        net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
+    except (ValueError, TypeError, RuntimeError) as err:
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{path}: damaged SupernetModule checkpoint ({detail})") from None
+    return net
 
 
 # --------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ them) -- for these variants, interleaved round-robin so they share the machine's
 * ``dense predictor``: the naive path, dense one-hot encoding and the module's forward;
 * ``model costs``: the cost model's own ``evaluate`` in place of the block cost tables.
 
+"same best" says whether a variant's best predicted accuracy equals the fast variant's. The
+block tables admit exactly what ``evaluate`` admits, so "model costs" always agrees; scorers
+that sum the same weights in another order (dense, ``predict_genomes``) agree with the fast
+one to float32 rounding (~1e-7), which can flip a near-tie and send a search elsewhere.
+
 Wall time and CPU time (``process_time``) are reported as medians of ``--repeats``; on a
 shared machine the CPU time is the better estimate of the wall time on an idle one. The split
 is variation / cost / encoding / prediction / selection (wall).
@@ -121,7 +126,7 @@ def print_speed(res: dict, generations: int, repeats: int) -> None:
           f"772-input MP predictor; median of {repeats}, torch threads {torch.get_num_threads()}")
     cols = ["variation", "cost", "encoding", "prediction", "selection"]
     print(f"{'variant':<16} {'wall s':>7} {'cpu s':>6} {'x fast':>7} " + " ".join(f"{c:>10}" for c in cols)
-          + "  same result")
+          + "  same best")
     for name, r in res.items():
         print(f"{name:<16} {r['wall']:7.3f} {r['cpu']:6.3f} {r['wall'] / base['wall']:7.2f} "
               + " ".join(f"{r[c]:10.3f}" for c in cols) + f"  {r['best_same_as_fast']}")

@@ -28,7 +28,7 @@ from apq_lightning.quant import (
     quantize_supernet,
     save_quantized,
 )
-from apq_lightning.quant.calibrate import kl_thresholds
+from apq_lightning.quant.ranges import kl_thresholds
 from apq_lightning.quant.policy import dequantize_supernet, supernet_quant_disabled
 from apq_lightning.space import Subnet, get_space, save_subnets
 from apq_lightning.supernet import Supernet, recalibrate_bn

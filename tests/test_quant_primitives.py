@@ -27,7 +27,7 @@ from apq_lightning.quant import (
     quantize_modules,
     tensor_range,
 )
-from apq_lightning.quant.calibrate import _kl_grid  # the package attribute `calibrate` is the function
+from apq_lightning.quant.ranges import _kl_grid
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

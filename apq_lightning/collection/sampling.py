@@ -85,13 +85,13 @@ def mp_subnet(space: str | SearchSpace, seed: int, index: int, sampling: MPSampl
     """Stage 4: ``(kind, quantized subnet)`` for ``index``."""
     sp = get_space(space)
     kind = mp_kind(index, sampling)
-    own = sp.sample(index_rng(seed, index), quantized=True)
-    if kind == "mp_arch_policies":
+    genome = sp.sample_genomes(index_rng(seed, index), 1)[0]
+    if kind == "mp_arch_policies":  # the group's architecture genes, this index's bit genes
         first = index - index % sampling.policies_per_arch
-        arch = sp.sample(index_rng(seed, first), quantized=True)
-        subnet = arch.with_bits(own.bits)
-    else:
-        subnet = own
+        arch = sp.sample_genomes(index_rng(seed, first), 1)[0]
+        bits = slice(sp.genome_slices()["pw_w"].start, sp.genome_length)
+        genome = np.concatenate([arch[: bits.start], genome[bits]])
+    subnet = sp.from_genome(genome, quantized=True)
     if sampling.uniform_bits is not None:
         if sampling.uniform_bits not in sp.bit_choices:
             raise ValueError(

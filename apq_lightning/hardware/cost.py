@@ -45,11 +45,22 @@ from apq_lightning.hardware.geometry import (
     head_layers,
     tail_layers,
 )
-from apq_lightning.hardware.table import FLOAT_BITS, ConvShape, Cost, CostTable, LayerQuery, bitfusion_table, load_table
+from apq_lightning.hardware.table import (
+    FLOAT_BITS,
+    ConvShape,
+    Cost,
+    CostTable,
+    LayerQuery,
+    bitfusion_table,
+    format_key,
+    load_table,
+)
+from apq_lightning.layout import BLOCK_CONVS, BLOCK_ROLES, block_policy
 from apq_lightning.space import BIT_FIELDS, SearchSpace, Subnet, get_space
 
 METRICS: tuple[str, ...] = ("latency_ms", "energy_mJ", "bitops", "size_bytes", "feasible", "source")
-ROLES: tuple[str, ...] = ("expand", "depthwise", "project")
+ROLES: tuple[str, ...] = BLOCK_ROLES
+"""Roles of an elastic block's convs, in network order (from :mod:`apq_lightning.layout`)."""
 PARAM_BITS = 32  # BN scale/shift and biases are stored in float
 
 
@@ -123,7 +134,7 @@ class TablePricer(LayerPricer):
 
     def why_missing(self, query: LayerQuery) -> str:
         q = self._query(query)
-        return f"table {self.name} has no entry {q[0].key(q[1], q[2])!r}" + _missing_hint(self._combos, q, "it")
+        return f"table {self.name} has no entry {format_key(*q)!r}" + _missing_hint(self._combos, q, "it")
 
 
 class FitPricer(LayerPricer):
@@ -196,6 +207,8 @@ class HybridPricer(LayerPricer):
 # channels of the precomputed per-choice tables
 LAT, EN, BITOPS, SIZE, NFIT, MISSING = range(6)
 _NCH = 6
+# the two per-block gather tables: convs on the pw pair (kernel-independent), convs on the dw pair
+_PW, _DW = ("pw_w", "pw_a"), ("dw_w", "dw_a")
 
 
 class CostModel(ABC):
@@ -247,10 +260,10 @@ class LayerwiseCost(CostModel):
         for blk in sp.blocks:
             for mid in blk.width_choices:
                 for k in sp.kernel_choices:
-                    e, d, p = block_convs(blk, k, mid)
+                    shapes = block_convs(blk, k, mid)
                     for w in sp.bit_choices:
                         for a in sp.bit_choices:
-                            out += [(e, w, a), (d, w, a), (p, w, a)]
+                            out += [(shape, w, a) for shape in shapes]
         return list(dict.fromkeys(out))
 
     def _build(self) -> None:
@@ -274,13 +287,18 @@ class LayerwiseCost(CostModel):
         dw = self._dw[:-1].reshape(sp.num_blocks, nk, nw, nb, nb, _NCH)
         for blk in sp.blocks:
             nmid = len(blk.width_choices)
-            convs = [[block_convs(blk, k, mid) for k in sp.kernel_choices] for mid in blk.width_choices]
+            for conv in BLOCK_CONVS:
+                # [mid choice][kernel choice] -> this conv's shape
+                shapes = [[conv.shape(blk, k, mid) for k in sp.kernel_choices] for mid in blk.width_choices]
+                if conv.bits == _PW:  # a 1x1 conv: the same layer at every kernel
+                    pw[blk.index, :nmid] += self._layer_table([s[0] for s in shapes])
+                elif conv.bits == _DW:
+                    for ki in range(nk):
+                        dw[blk.index, ki, :nmid] += self._layer_table([s[ki] for s in shapes])
+                else:
+                    raise ValueError(f"block conv {conv.role!r}: bits {conv.bits} are neither {_PW} nor {_DW}")
             bn_bytes = np.array([block_extra_params(blk, mid) for mid in blk.width_choices]) * PARAM_BITS / 8
-            pw[blk.index, :nmid] = self._layer_table([c[0][0] for c in convs]) + self._layer_table(
-                [c[0][2] for c in convs])
             pw[blk.index, :nmid, :, :, SIZE] += bn_bytes[:, None, None]
-            for ki in range(nk):
-                dw[blk.index, ki, :nmid] = self._layer_table([c[ki][1] for c in convs])
 
     def _layer_table(self, shapes: Sequence[ConvShape]) -> np.ndarray:
         """(len(shapes), nb, nb, channels): every layer at every (w, a) choice."""
@@ -343,7 +361,7 @@ class LayerwiseCost(CostModel):
         lat = np.where(feasible, total[:, LAT] + head.latency + tail.latency, np.inf)
         en = np.where(feasible, total[:, EN] + head.energy + tail.energy, np.inf)
         n_fit = total[:, NFIT] + hfit + tfit
-        n_layers = 3 * n_active + 2 - total[:, MISSING]  # priced layers
+        n_layers = len(BLOCK_CONVS) * n_active + 2 - total[:, MISSING]  # priced layers (+ head and tail)
         source = np.where(n_fit == 0, "table", np.where(n_fit == n_layers, "fit", "mixed"))
         return {"latency_ms": lat, "energy_mJ": en, "bitops": bitops, "size_bytes": size,
                 "feasible": feasible, "source": source}
@@ -368,10 +386,11 @@ class LayerwiseCost(CostModel):
             lat, en, n_fit = head.latency + tail.latency, head.energy + tail.energy, int(hfit) + int(tfit)
         for i in subnet.active_blocks:
             blk = sp.blocks[i]
-            pw_w, pw_a, dw_w, dw_a = subnet.bits.block(i) if subnet.bits is not None else (top,) * len(BIT_FIELDS)
+            policy = block_policy(subnet.bits.block(i) if subnet.bits is not None else (top,) * len(BIT_FIELDS))
             convs = block_convs(blk, subnet.kernels[i], subnet.widths[i])
             size_bits += block_extra_params(blk, subnet.widths[i]) * PARAM_BITS
-            for role, shape, (w, a) in zip(ROLES, convs, ((pw_w, pw_a), (dw_w, dw_a), (pw_w, pw_a))):
+            for conv, shape in zip(BLOCK_CONVS, convs):
+                role, (w, a) = conv.role, conv.layer_bits(policy)
                 bitops += shape.macs * w * a
                 size_bits += shape.weight_params * w
                 n_layers += 1

@@ -193,9 +193,6 @@ class BitFusionFit:
                 out[i] = self._cache[queries[i]] = Cost(float(preds["latency"][j]), float(preds["energy"][j]))
         return out
 
-    def predict_one(self, shape: ConvShape, w_bits: int, a_bits: int) -> Cost | None:
-        return self.predict([(shape, w_bits, a_bits)])[0]
-
 
 def _fit_types(table: CostTable, params: TreeParams,
                rows: np.ndarray | None = None) -> dict[ModelKey, TypeModel]:

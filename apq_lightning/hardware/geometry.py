@@ -1,7 +1,7 @@
-"""Layer geometry of a space's networks, derived from the space alone (no torch).
+"""Layer geometry of a space's networks for the cost models, from the layout (no torch).
 
 The cost models price a subnet layer by layer, so they need the conv shapes that the
-network (``apq_lightning.layers.SubnetModel``) runs, in the table's key format:
+network runs, in the table's key format; :mod:`apq_lightning.layout` describes them once:
 
 * elastic block: expand ``(Cin, mid, H_in, 1, 1, 0, 1)``, depthwise
   ``(mid, mid, H_in, k, s, k//2, mid)``, project ``(mid, Cout, H_out, 1, 1, 0, 1)``.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from apq_lightning.hardware.table import ConvShape
+from apq_lightning.layout import BLOCK_CONVS, FIXED_LAYERS, ConvShape, block_conv_shapes
 from apq_lightning.space import BlockSpec, SearchSpace
 
 DEFAULT_NUM_CLASSES: dict[str, int] = {"apq_imagenet": 1000}
@@ -29,14 +29,9 @@ def default_num_classes(space: SearchSpace) -> int:
     return DEFAULT_NUM_CLASSES.get(space.name, 10)
 
 
-def block_convs(block: BlockSpec, kernel: int, mid: int) -> tuple[ConvShape, ConvShape, ConvShape]:
-    """Expand, depthwise and project conv of one elastic block at (kernel, mid)."""
-    h = block.input_size
-    return (
-        ConvShape(block.in_channels, mid, h, 1, 1, 0, 1),
-        ConvShape(mid, mid, h, kernel, block.stride, kernel // 2, mid),
-        ConvShape(mid, block.out_channels, block.output_size, 1, 1, 0, 1),
-    )
+def block_convs(block: BlockSpec, kernel: int, mid: int) -> tuple[ConvShape, ...]:
+    """Every conv of one elastic block at (kernel, mid), in layout order (expand, depthwise, project)."""
+    return block_conv_shapes(block, kernel, mid)
 
 
 @dataclass(frozen=True)
@@ -54,33 +49,30 @@ class FixedLayer:
         return 2 * self.shape.out_channels * self.bn + self.shape.out_channels * self.bias
 
 
+def _fixed(space: SearchSpace, num_classes: int, part: str) -> tuple[FixedLayer, ...]:
+    return tuple(FixedLayer(s.role, s.shape(space, num_classes), s.bn, s.bias) for s in FIXED_LAYERS if s.part == part)
+
+
 def head_layers(space: SearchSpace) -> tuple[FixedLayer, ...]:
     """What the table calls ``head``: the stem conv and the fixed first MBConv (expand ratio 1)."""
-    stem = ConvShape(3, space.stem_channels, space.image_size, 3, space.stem_stride, 1, 1)
-    h = stem.output_size
-    c = space.stem_channels
-    return (
-        FixedLayer("stem", stem),
-        FixedLayer("first.depthwise", ConvShape(c, c, h, 3, 1, 1, c)),
-        FixedLayer("first.project", ConvShape(c, space.first_block_channels, h, 1, 1, 0, 1)),
-    )
+    return _fixed(space, default_num_classes(space), "head")  # no classifier: num_classes plays no role
 
 
 def tail_layers(space: SearchSpace, num_classes: int) -> tuple[FixedLayer, ...]:
     """What the table calls ``tail``: the 1x1 head conv and the linear classifier."""
-    return (
-        FixedLayer("head", ConvShape(space.stage_channels[-1], space.head_channels, space.final_size, 1, 1, 0, 1)),
-        FixedLayer("classifier", ConvShape(space.head_channels, num_classes, 1, 1, 1, 0, 1), bn=False, bias=True),
-    )
+    return _fixed(space, num_classes, "tail")
 
 
 def fixed_layers(space: SearchSpace, num_classes: int) -> tuple[FixedLayer, ...]:
     return head_layers(space) + tail_layers(space, num_classes)
 
 
+_ANY_KERNEL = 1  # output channels, and so BN parameters, do not depend on the kernel
+
+
 def block_extra_params(block: BlockSpec, mid: int) -> int:
-    """BN parameters of a block (scale + shift after expand, depthwise and project)."""
-    return 2 * (mid + mid + block.out_channels)
+    """Parameters of a block stored at 32 bits (BN scale + shift after each of its convs)."""
+    return sum(c.extra_params(c.shape(block, _ANY_KERNEL, mid)) for c in BLOCK_CONVS)
 
 
 def distinct_block_convs(space: SearchSpace) -> list[tuple[ConvShape, str]]:
@@ -92,6 +84,6 @@ def distinct_block_convs(space: SearchSpace) -> list[tuple[ConvShape, str]]:
     for blk in space.blocks:
         for mid in blk.width_choices:
             for k in space.kernel_choices:
-                for role, shape in zip(("expand", "depthwise", "project"), block_convs(blk, k, mid)):
-                    seen.setdefault(shape, role)
+                for conv, shape in zip(BLOCK_CONVS, block_convs(blk, k, mid)):
+                    seen.setdefault(shape, conv.role)
     return list(seen.items())

@@ -3,9 +3,9 @@
 Why layer by layer: a table of every distinct layer configuration of a space (a few hundred
 for ``apq_cifar``) prices any of its ~10^20 subnets by summation, so the search never times a
 network. Each entry times the module the network really runs for that conv --
-``ConvBNAct`` (conv, BN, and ReLU6 except after the project conv) from
-:mod:`apq_lightning.layers` -- in eval mode, float32, at a fixed batch. ``head`` times the
-stem + fixed first block, ``tail`` the head conv + pool + classifier. Keys end in
+``ConvBNAct`` (conv, BN, and ReLU6 where the layout has one) from :mod:`apq_lightning.layers`
+-- in eval mode, float32, at a fixed batch. ``head`` times the stem + fixed first block,
+``tail`` the head conv + pool + classifier, built by the same functions as every network. Keys end in
 ``-W32A32`` (float); the cost model then ignores bit widths on this table.
 
 The build is resumable: the table is rewritten atomically every ``save_every`` seconds, and a
@@ -36,7 +36,8 @@ from apq_lightning.hardware.table import (
     format_key,
     load_table,
 )
-from apq_lightning.layers import ConvBNAct, InvertedResidual
+from apq_lightning.layers import build_classifier, build_first_block, build_head, build_stem, conv_unit
+from apq_lightning.layout import BLOCK_CONVS
 from apq_lightning.space import SearchSpace, get_space
 
 _MATCH_META = ("space", "device", "batch", "num_classes", "stat")
@@ -89,26 +90,18 @@ def time_module(module: nn.Module, input_shape: tuple[int, ...], device: str | t
 
 def conv_module(shape: ConvShape, act: bool) -> nn.Module:
     """The network's unit for one conv key (conv + BN (+ ReLU6))."""
-    if shape.padding != shape.kernel // 2:
-        raise ValueError(f"layer {shape}: only 'same' padding (k//2) is built by the network")
-    return ConvBNAct(shape.in_channels, shape.out_channels, shape.kernel, shape.stride, shape.groups, act=act)
+    return conv_unit(shape, act)
 
 
 def head_module(space: SearchSpace) -> nn.Module:
-    """Stem + fixed first block, exactly as ``SubnetModel`` builds them."""
-    return nn.Sequential(
-        ConvBNAct(3, space.stem_channels, 3, space.stem_stride),
-        InvertedResidual(space.stem_channels, space.stem_channels, space.first_block_channels, 3, 1, expand=False),
-    )
+    """Stem + fixed first block, built as every network of the space builds them."""
+    return nn.Sequential(build_stem(space), build_first_block(space))
 
 
 def tail_module(space: SearchSpace, num_classes: int) -> nn.Module:
-    """Head conv + global pool + classifier, exactly as ``SubnetModel`` runs them."""
+    """Head conv + global pool + classifier, as every network of the space runs them."""
     return nn.Sequential(
-        ConvBNAct(space.stage_channels[-1], space.head_channels, 1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(1),
-        nn.Linear(space.head_channels, num_classes),
+        build_head(space), nn.AdaptiveAvgPool2d(1), nn.Flatten(1), build_classifier(space, num_classes)
     )
 
 
@@ -122,10 +115,11 @@ def measurement_jobs(space: SearchSpace, batch: int, num_classes: int) -> list[J
         ("tail", lambda: tail_module(space, num_classes),
          (batch, space.stage_channels[-1], space.final_size, space.final_size)),
     ]
+    act = {c.role: c.act for c in BLOCK_CONVS}
     for shape, role in distinct_block_convs(space):
         jobs.append((
             format_key(shape, FLOAT_BITS, FLOAT_BITS),
-            lambda s=shape, r=role: conv_module(s, act=r != "project"),
+            lambda s=shape, r=role: conv_module(s, act=act[r]),
             (batch, shape.in_channels, shape.input_size, shape.input_size),
         ))
     return jobs

@@ -25,7 +25,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
+
+from apq_lightning.layout import ConvShape
 
 FIXED_KEYS: tuple[str, ...] = ("head", "tail")
 META_KEY = "__meta__"
@@ -46,38 +48,6 @@ BITFUSION_SHA256 = "ac7b951ca87eefc1a53f9cb195d12868ae89e58cd81f8dbe4a49dd0faaed
 _KEY_RE = re.compile(
     r"^\(\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\)-W(\d+)A(\d+)$"
 )
-
-
-class ConvShape(NamedTuple):
-    """Geometry of one conv layer, in the field order of the table key."""
-
-    in_channels: int
-    out_channels: int
-    input_size: int
-    kernel: int
-    stride: int
-    padding: int
-    groups: int
-
-    @property
-    def output_size(self) -> int:
-        return (self.input_size + 2 * self.padding - self.kernel) // self.stride + 1
-
-    @property
-    def depthwise(self) -> bool:
-        return self.groups > 1 and self.groups == self.in_channels
-
-    @property
-    def weight_params(self) -> int:
-        return self.out_channels * (self.in_channels // self.groups) * self.kernel * self.kernel
-
-    @property
-    def macs(self) -> int:
-        """Multiply-accumulates of one sample: output elements x weights per output channel."""
-        return self.out_channels * self.output_size**2 * (self.in_channels // self.groups) * self.kernel**2
-
-    def key(self, w_bits: int, a_bits: int) -> str:
-        return format_key(self, w_bits, a_bits)
 
 
 LayerQuery = tuple[ConvShape, int, int]
@@ -132,9 +102,6 @@ class CostTable:
 
     def __len__(self) -> int:
         return len(self.entries)
-
-    def get(self, shape: ConvShape, w_bits: int, a_bits: int) -> Cost | None:
-        return self.entries.get((ConvShape(*shape), int(w_bits), int(a_bits)))
 
     @property
     def bit_pairs(self) -> set[tuple[int, int]]:

@@ -1,4 +1,12 @@
-"""Quantization primitives: fake quantizers, KL range calibration, quantized layers, counting.
+"""Quantization: fake quantizers, KL range calibration, quantized layers, counting, and applying
+a subnet's bit policy to modules.
+
+Modules: ``bits`` (bit widths, methods), ``ranges`` (KL / min-max range search, histogram
+observer), ``quantizers`` (:class:`LinearQuantizer`), ``layers`` (quantized Conv2d / Linear,
+``quantize_modules``, ``calibrate``), ``counting`` (MACs, BitOps, size), ``subnet`` (a policy on
+an extracted subnet), ``supernet`` (a policy inside the supernet), ``export`` (save / load).
+Named policies (``uniform4``, ``w4a8``, ``float``) belong to the space
+(:func:`apq_lightning.space.named_policy`) and are re-exported here.
 
 Model-agnostic on purpose: everything addresses Conv2d / Linear layers by qualified module name,
 so the supernet's bit policy (DESIGN.md §2) plugs in as a ``{name: (w_bits, a_bits)}`` mapping.
@@ -16,8 +24,11 @@ APQ subnets (the per-block policy of DESIGN.md §2 on an extracted subnet or on 
     quantize_supernet(supernet); supernet.set_active(subnet); calibrate_supernet(supernet, calib_batches)
 """
 
-from .calibrate import HistogramObserver, kl_threshold, kl_thresholds, magnitude_histogram, tensor_range
+from apq_lightning.space import apply_named_policy, named_policy, policy_names  # named policies: a fact of the space
+
+from .bits import SUPPORTED_BITS, CalibrationMethod, check_method, qrange, validate_bits
 from .counting import LayerCost, count_bitops, count_macs, layer_costs, model_size_bytes
+from .export import QUANTIZED_FORMAT, load_quantized, save_quantized
 from .layers import (
     LayerBits,
     QuantConv2d,
@@ -29,23 +40,16 @@ from .layers import (
     quantizable_layers,
     quantize_modules,
 )
-from .policy import (
-    QUANTIZED_FORMAT,
+from .quantizers import LinearQuantizer, QuantSpec
+from .ranges import HistogramObserver, kl_threshold, kl_thresholds, magnitude_histogram, tensor_range
+from .subnet import apply_policy, layer_bits_for, quantize_subnet
+from .supernet import (
     SupernetQuantizer,
-    apply_named_policy,
-    apply_policy,
     calibrate_supernet,
     dequantize_supernet,
-    layer_bits_for,
-    load_quantized,
-    named_policy,
-    policy_names,
-    quantize_subnet,
     quantize_supernet,
-    save_quantized,
     supernet_quant_disabled,
 )
-from .quantizers import SUPPORTED_BITS, CalibrationMethod, LinearQuantizer, QuantSpec, check_method, qrange, validate_bits
 
 __all__ = [
     "SUPPORTED_BITS",

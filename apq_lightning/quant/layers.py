@@ -20,14 +20,16 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Union
+from itertools import islice
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .calibrate import release_scratch
-from .quantizers import SUPPORTED_BITS, CalibrationMethod, LinearQuantizer, check_method, validate_bits
+from .bits import SUPPORTED_BITS, CalibrationMethod, check_method, validate_bits
+from .quantizers import LinearQuantizer
+from .ranges import release_scratch
 
 __all__ = [
     "LayerBits",
@@ -38,10 +40,11 @@ __all__ = [
     "quantizable_layers",
     "calibrate",
     "calibrate_weights",
+    "observe",
     "quant_summary",
 ]
 
-LayerBits = Union[tuple[Union[int, None], Union[int, None]], tuple[Union[int, None], Union[int, None], Union[bool, None]]]
+LayerBits = tuple[int | None, int | None] | tuple[int | None, int | None, bool | None]
 """``(w_bits, a_bits)`` or ``(w_bits, a_bits, a_signed)``; ``None`` bits = float, ``None``
 signedness = decided at calibration (unsigned iff the layer's input was never negative)."""
 
@@ -126,9 +129,6 @@ class QuantLayerMixin:
         with torch.no_grad():
             self.weight_quantizer.calibrate_from_tensor(self.weight, method)
 
-    def quantized_weight(self) -> Tensor:
-        return self.weight_quantizer(self.weight)
-
     def _quant_repr(self) -> str:
         sign = {True: "signed", False: "unsigned", None: "auto"}[self.a_signed]
         return f"w_bits={self.w_bits}, a_bits={self.a_bits}, a_signed={sign}"
@@ -152,7 +152,10 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
         self._init_quant(w_bits, a_bits, a_signed, per_channel, method, allowed_bits, self.out_channels)
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, w_bits: int | None = 8, a_bits: int | None = 8, a_signed: bool | None = None, **kwargs: Any) -> QuantConv2d:
+    def from_float(
+        cls, conv: nn.Conv2d, w_bits: int | None = 8, a_bits: int | None = 8, a_signed: bool | None = None,
+        **kwargs: Any,
+    ) -> QuantConv2d:
         """Quantized twin of ``conv`` holding the *same* Parameter objects (no copy: device,
         dtype, optimizer references and any other owner of the weights stay in sync)."""
         with torch.device("meta"):  # skip allocating + initialising weights that are replaced
@@ -192,7 +195,10 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         self._init_quant(w_bits, a_bits, a_signed, per_channel, method, allowed_bits, self.out_features)
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, w_bits: int | None = 8, a_bits: int | None = 8, a_signed: bool | None = None, **kwargs: Any) -> QuantLinear:
+    def from_float(
+        cls, linear: nn.Linear, w_bits: int | None = 8, a_bits: int | None = 8, a_signed: bool | None = None,
+        **kwargs: Any,
+    ) -> QuantLinear:
         """Quantized twin of ``linear`` holding the same Parameter objects (see QuantConv2d)."""
         with torch.device("meta"):
             q = cls(linear.in_features, linear.out_features, linear.bias is not None,
@@ -268,7 +274,9 @@ def quantize_modules(
         )
     skipped = [n for n, m in model.named_modules() if isinstance(m, _FLOAT_TYPES) and n not in layers]
     if skipped:
-        warnings.warn(f"quantize_modules: not swapping subclasses of Conv2d/Linear: {', '.join(skipped[:10])}", stacklevel=2)
+        warnings.warn(
+            f"quantize_modules: not swapping subclasses of Conv2d/Linear: {', '.join(skipped[:10])}", stacklevel=2
+        )
 
     swapped: dict[int, nn.Module] = {}  # id(float module) -> its quantized twin (shared modules)
     for name, mod in layers.items():
@@ -314,6 +322,50 @@ def _default_forward(model: nn.Module, batch: Any, device: torch.device) -> None
     model(batch.to(device, non_blocking=True))
 
 
+def observe(
+    model: nn.Module,
+    activations: Sequence[LinearQuantizer],
+    weights: Sequence[LinearQuantizer],
+    inputs: Iterable[Any],
+    feed: Callable[[Any], Any],
+    what: str = "calibrate()",
+) -> int:
+    """The calibration pass shared by :func:`calibrate` and ``calibrate_supernet``.
+
+    Puts ``activations`` in observe mode and turns ``weights`` off (the statistics of the float
+    network, as in APQ / TensorRT), runs ``feed(item)`` for every item of ``inputs`` in eval
+    mode without gradients, and restores the weight quantizers and the training mode. Returns
+    the number of items fed; raises ValueError (naming ``what``) when there were none. On any
+    error the activation quantizers leave observe mode; otherwise they are still observing and
+    the caller sets the ranges (``stop_observing``).
+    """
+    enabled = [q.enabled for q in weights]
+    was_training = model.training
+    seen = 0
+    try:
+        for q in activations:
+            q.start_observing()
+        for q in weights:
+            q.enabled = False
+        model.eval()
+        with torch.no_grad():
+            for item in inputs:
+                feed(item)
+                seen += 1
+        if seen == 0:
+            raise ValueError(f"{what} got no data: the batch iterable was empty")
+    except BaseException:
+        for q in activations:
+            q.observing = False
+        raise
+    finally:
+        release_scratch()
+        for q, en in zip(weights, enabled):
+            q.enabled = en
+        model.train(was_training)
+    return seen
+
+
 def calibrate(
     model: nn.Module,
     batches: Iterable[Any],
@@ -344,38 +396,9 @@ def calibrate(
     device = _model_device(model)
     # float activations are observed too, so that set_bits() can later quantize them without data
     act = [(n, m.input_quantizer) for n, m in layers]
-    w_enabled = [m.weight_quantizer.enabled for _, m in layers]
-    was_training = model.training
-    seen = 0
-    try:
-        for _, q in act:
-            q.start_observing()
-        for _, m in layers:
-            m.weight_quantizer.enabled = False
-        model.eval()
-        with torch.no_grad():
-            it = iter(batches)
-            while num_batches is None or seen < num_batches:
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                if forward_fn is None:
-                    _default_forward(model, batch, device)
-                else:
-                    forward_fn(model, batch)
-                seen += 1
-        if seen == 0:
-            raise ValueError("calibrate() got no data: the batch iterable was empty")
-    except BaseException:
-        for _, q in act:
-            q.observing = False
-        raise
-    finally:
-        release_scratch()
-        for (_, m), en in zip(layers, w_enabled):
-            m.weight_quantizer.enabled = en
-        model.train(was_training)
+    feed = (lambda batch: _default_forward(model, batch, device)) if forward_fn is None else (
+        lambda batch: forward_fn(model, batch))
+    observe(model, [q for _, q in act], [m.weight_quantizer for _, m in layers], islice(batches, num_batches), feed)
 
     never_ran = [n for n, q in act if not q.stop_observing(method) and q.bits is not None]
     for _, m in layers:

@@ -21,17 +21,20 @@ clipping -- gradient 1 where ``round(x / s)`` lies inside ``[qmin, qmax]`` and 0
 (PyTorch computes ``x * (1/s)`` rather than ``x / s``; the two differ only on exact ties.)
 
 The range ``v`` is a buffer, not a parameter: APQ chooses it once by KL calibration
-(:mod:`apq_lightning.quant.calibrate`) and keeps it fixed during QAT.
+(:mod:`apq_lightning.quant.ranges`) and keeps it fixed during QAT.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .bits import SUPPORTED_BITS, CalibrationMethod, check_method, qrange, validate_bits
+from .ranges import HistogramObserver, tensor_range
 
 __all__ = [
     "SUPPORTED_BITS",
@@ -43,47 +46,9 @@ __all__ = [
     "validate_bits",
 ]
 
-SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 5, 6, 7, 8)
-"""Bit widths the fake-quant ops are exercised with; anything else is rejected."""
-
-CalibrationMethod = Literal["kl", "minmax"]
-_METHODS = ("kl", "minmax")
-
 # Smallest range used to build a scale: an all-zero tensor (a dead channel) must not produce a
 # zero scale, which the fake-quant kernels reject (and 1/s would overflow).
 _MIN_RANGE = 1e-8
-
-
-def check_method(method: str) -> CalibrationMethod:
-    """Return ``method`` if it is a known calibration method, else raise ValueError."""
-    if method not in _METHODS:
-        raise ValueError(f"method = {method!r} is not supported; allowed values: {', '.join(_METHODS)}")
-    return method  # type: ignore[return-value]
-
-
-def validate_bits(
-    bits: Any, allowed: Sequence[int] = SUPPORTED_BITS, *, what: str = "bits", allow_none: bool = True
-) -> int | None:
-    """Return ``bits`` if it is an allowed bit width (or ``None`` = float), else raise ValueError.
-
-    The message names ``what`` (e.g. ``"layer 'features.3.conv' w_bits"``), the value and the
-    allowed set, because a bad policy usually comes from a config file far away from this code.
-    """
-    if bits is None and allow_none:
-        return None
-    ok = isinstance(bits, int) and not isinstance(bits, bool) and bits in tuple(allowed)
-    if not ok:
-        allowed_txt = ", ".join(str(b) for b in allowed) + (" or None (float)" if allow_none else "")
-        raise ValueError(f"{what} = {bits!r} is not supported; allowed values: {allowed_txt}")
-    return int(bits)
-
-
-def qrange(bits: int, signed: bool) -> tuple[int, int]:
-    """Integer range ``(qmin, qmax)`` of a ``bits``-bit quantizer (symmetric when signed)."""
-    if signed:
-        qmax = 2 ** (bits - 1) - 1
-        return -qmax, qmax
-    return 0, 2**bits - 1
 
 
 @dataclass(frozen=True)
@@ -125,7 +90,7 @@ class LinearQuantizer(nn.Module):
     Modes, checked in this order by :meth:`forward`:
 
     * ``observing`` -- the input passes through unchanged and is recorded by :attr:`observer`
-      (a :class:`~apq_lightning.quant.calibrate.HistogramObserver`) for range calibration;
+      (a :class:`~apq_lightning.quant.ranges.HistogramObserver`) for range calibration;
     * disabled (``enabled=False``), float (``bits is None``) or not yet calibrated -- identity;
     * otherwise fake-quantized with the stored range.
 
@@ -162,7 +127,7 @@ class LinearQuantizer(nn.Module):
         self.bins = bins
         self.enabled = True
         self.observing = False
-        self.observer: Any | None = None  # HistogramObserver; untyped to avoid an import cycle
+        self.observer: HistogramObserver | None = None
         if bins < 16:
             raise ValueError(f"bins = {bins} is too small for a KL search (need >= 16)")
         self._v_shape = (num_channels,) if (per_channel and num_channels) else ()
@@ -245,10 +210,10 @@ class LinearQuantizer(nn.Module):
     # ------------------------------------------------------------------ observing
     def start_observing(self) -> None:
         """Reset and attach a histogram observer; forward passes now record instead of quantize."""
-        from .calibrate import HistogramObserver  # local import: calibrate imports this module
-
         if self.per_channel:
-            raise ValueError("per_channel=True is for weight quantizers only; activation ranges are observed per tensor")
+            raise ValueError(
+                "per_channel=True is for weight quantizers only; activation ranges are observed per tensor"
+            )
         self.observer = HistogramObserver(bins=self.bins, signed=self.signed)
         self.observing = True
 
@@ -270,8 +235,6 @@ class LinearQuantizer(nn.Module):
 
     def calibrate_from_tensor(self, x: Tensor, method: CalibrationMethod | None = None) -> None:
         """Set ``v`` directly from a tensor (weights: no data needed)."""
-        from .calibrate import tensor_range
-
         if method is not None:
             self.method = check_method(method)
         if self.bits is None:
@@ -310,13 +273,17 @@ class LinearQuantizer(nn.Module):
         self.ch_axis = int(state.get("ch_axis", self.ch_axis))
         self.observer = None  # a histogram of other data/bits would mislead set_bits()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):  # type: ignore[no-untyped-def]
+    def _load_from_state_dict(  # type: ignore[no-untyped-def]
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Per-channel ranges are shaped lazily (number of channels unknown until calibration):
         # adopt the checkpoint's shape instead of failing on a size mismatch.
         key = prefix + "v"
         if key in state_dict and state_dict[key].shape != self.v.shape:
             self.v = torch.zeros_like(state_dict[key], device=self.v.device, dtype=self.v.dtype)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self.is_calibrated = bool(self.calibrated)
 
     def range_str(self) -> str:

@@ -7,7 +7,7 @@ part plus, per active block, a price of its 1x1 convs at ``(width, pw_w, pw_a)``
 depthwise conv at ``(kernel, width, dw_w, dw_a)`` (DESIGN.md §6). :class:`FastCost` measures
 those two tables per block **through the model's public** ``evaluate`` (probe genomes that
 differ from a reference in one block only), checks the result against ``evaluate`` on random
-genomes, and from then on prices a population with two gathers and a sum. If a model is not
+genomes, and from then on prices a population with one gather-and-sum per metric. If a model is not
 additive in this way the check fails and ``FastCost`` simply calls ``evaluate``: the fast path
 never changes an answer, only its speed.
 
@@ -24,6 +24,7 @@ import numpy as np
 from apq_lightning.hardware import CostModel
 from apq_lightning.search.constraints import COST_METRICS, Budget
 from apq_lightning.search.genes import GeneSpec
+from apq_lightning.space import SearchSpace
 
 _CH = len(COST_METRICS)  # value channels; channel _CH counts missing (unrunnable) layers
 LAT, EN = COST_METRICS.index("latency_ms"), COST_METRICS.index("energy_mJ")
@@ -45,6 +46,7 @@ class FastCost:
     _pw_off: np.ndarray = field(default=None, repr=False)  # (B,) first pointwise row of each block
     _dw_off: np.ndarray = field(default=None, repr=False)  # (B,) first depthwise row of each block
     _nw: np.ndarray = field(default=None, repr=False)  # (B,) width choices per block
+    _available: dict[str, bool] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, model: CostModel, check: int = 256, seed: int = 0) -> FastCost:
@@ -58,7 +60,7 @@ class FastCost:
         return fast
 
     @property
-    def space(self):  # noqa: ANN201 (SearchSpace)
+    def space(self) -> SearchSpace:
         return self.model.space
 
     # ---- evaluation ----------------------------------------------------------------------
@@ -99,9 +101,11 @@ class FastCost:
 
     def available(self, metric: str) -> bool:
         """Whether the model reports ``metric`` (the ``bitops`` model has no latency / energy)."""
-        sp = self.space
-        g = sp.to_genome(sp.smallest(sp.bit_choices[-1]))[None]
-        return bool(np.isfinite(self.model.evaluate(g)[metric]).all())
+        if metric not in self._available:
+            sp = self.space
+            g = sp.to_genome(sp.smallest(sp.bit_choices[-1]))[None]
+            self._available[metric] = bool(np.isfinite(self.model.evaluate(g)[metric]).all())
+        return self._available[metric]
 
     # ---- derivation ------------------------------------------------------------------------
     def _model_sums(self, genomes: np.ndarray) -> np.ndarray:

@@ -24,6 +24,7 @@ import numpy as np
 from apq_lightning.search.constraints import COST_METRICS
 from apq_lightning.search.problem import SearchProblem
 from apq_lightning.search.result import SearchResult
+from apq_lightning.search.scorer import torch_threads
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class EvolutionConfig:
     top_k: int = 10
     redraws: int = 4
     oversample: float = 1.25
+    threads: int | None = 1  # torch intra-op threads while searching (restored after); None: leave as is
 
     def __post_init__(self) -> None:
         for name in ("population", "parents", "top_k"):
@@ -162,7 +164,8 @@ class Brood:
     genomes: np.ndarray
     costs: dict[str, np.ndarray]
     active: np.ndarray
-    drawn: int  # candidates generated to get them (admission rate = len / drawn)
+    drawn: int  # candidates generated and priced to get them
+    hits: int  # how many of those met the budget (admission rate = hits / drawn)
 
 
 class Admission:
@@ -197,7 +200,7 @@ def breed(problem: SearchProblem, rng: np.random.Generator, parents: np.ndarray,
     need = [cfg.mutations, cfg.crossovers]
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[], []]  # per operator: (genomes, index into costs)
     costs_parts, active_parts = [], []
-    drawn, factor, base = 0, cfg.oversample, 0
+    drawn, hit, factor, base = 0, 0, cfg.oversample, 0
     for _ in range(cfg.redraws + 1):
         if not any(need):
             break
@@ -209,6 +212,7 @@ def breed(problem: SearchProblem, rng: np.random.Generator, parents: np.ndarray,
         drawn += len(kids)
         for op, (lo, hi) in enumerate(((0, n[0]), (n[0], n[0] + n[1]))):
             hits = np.flatnonzero(ok[lo:hi])
+            hit += len(hits)
             admission.update(op, len(hits), hi - lo)
             idx = lo + hits[: need[op]]
             parts[op].append((kids[idx], base + idx))
@@ -234,13 +238,13 @@ def breed(problem: SearchProblem, rng: np.random.Generator, parents: np.ndarray,
     else:
         all_costs = {m: np.concatenate([c[m] for c in costs_parts])[where] for m in costs_parts[0]}
         active = np.concatenate(active_parts)[where]
-    return Brood(np.concatenate([g for g, _ in order]), all_costs, active, drawn)
+    return Brood(np.concatenate([g for g, _ in order]), all_costs, active, drawn, hit)
 
 
 def _start(problem: SearchProblem, rng: np.random.Generator, cfg: EvolutionConfig, archive: Archive) -> Pool:
     """The initial population within the budget, scored and archived."""
-    pop, costs = problem.admissible_genomes(rng, cfg.population)
-    active = problem.space.genome_active(pop)
+    pop, costs = problem.admissible_genomes(rng, cfg.population, rounds=10)  # uniform where the budget allows
+    active = problem.genes.active(pop)
     scores = problem.score(pop, active)
     archive.add(pop, scores, costs, 0)
     t = time.perf_counter()
@@ -252,17 +256,22 @@ def _start(problem: SearchProblem, rng: np.random.Generator, cfg: EvolutionConfi
 def evolution_search(problem: SearchProblem, cfg: EvolutionConfig = EvolutionConfig(),
                      progress: Any = None) -> SearchResult:
     """Run the evolution; ``progress`` is anything with ``update(n)`` (a tqdm bar)."""
+    with torch_threads(cfg.threads):
+        return _evolution(problem, cfg, progress)
+
+
+def _evolution(problem: SearchProblem, cfg: EvolutionConfig, progress: Any) -> SearchResult:
     rng = np.random.default_rng(cfg.seed)
     problem.reset()
     start = time.perf_counter()
     archive = Archive(cfg.scored, problem.space.genome_length)
     parents = _start(problem, rng, cfg, archive).best(cfg.parents)
     history = [float(parents.scores[0])]
-    drawn = kept = 0
+    drawn = hits = 0
     admission = Admission()
     for gen in range(1, cfg.generations + 1):
         brood = breed(problem, rng, parents.genomes, cfg, admission)
-        drawn, kept = drawn + brood.drawn, kept + len(brood.genomes)
+        drawn, hits = drawn + brood.drawn, hits + brood.hits
         scores = problem.score(brood.genomes, brood.active)
         archive.add(brood.genomes, scores, brood.costs, gen)
         t = time.perf_counter()
@@ -274,7 +283,8 @@ def evolution_search(problem: SearchProblem, cfg: EvolutionConfig = EvolutionCon
             progress.update(1)
     wall = time.perf_counter() - start
     return _result(problem, "evolution", cfg, parents, history, wall, archive,
-                   {"admission_rate": kept / drawn if drawn else 1.0})
+                   {"admission_rate": round(hits / drawn, 4) if drawn else 1.0,
+                    "priced_per_generation": round(drawn / cfg.generations, 1) if cfg.generations else 0.0})
 
 
 def random_search(problem: SearchProblem, cfg: EvolutionConfig = EvolutionConfig(),
@@ -284,6 +294,11 @@ def random_search(problem: SearchProblem, cfg: EvolutionConfig = EvolutionConfig
     subnets within the budget (rejection sampling), except under budgets so tight that 20
     rounds of sampling do not fill a generation: the rest are repaired towards the cheapest
     subnet (see ``SearchProblem.admissible_genomes``)."""
+    with torch_threads(cfg.threads):
+        return _random(problem, cfg, progress)
+
+
+def _random(problem: SearchProblem, cfg: EvolutionConfig, progress: Any) -> SearchResult:
     rng = np.random.default_rng(cfg.seed)
     problem.reset()
     start = time.perf_counter()
@@ -292,7 +307,7 @@ def random_search(problem: SearchProblem, cfg: EvolutionConfig = EvolutionConfig
     history = [float(best.scores[0])]
     for gen in range(1, cfg.generations + 1):
         g, c = problem.admissible_genomes(rng, cfg.children, rounds=20)  # uniform unless the budget is tiny
-        active = problem.space.genome_active(g)
+        active = problem.genes.active(g)
         s = problem.score(g, active)
         archive.add(g, s, c, gen)
         best = best.join(Pool(g, s, problem.genes.hashes(g, active), active)).best(cfg.parents)

@@ -86,6 +86,22 @@ class GeneSpec:
         return out
 
     @cached_property
+    def _depth_values(self) -> np.ndarray:
+        """(S, max choices) depth value of each stage's depth gene (padded with 0)."""
+        sp = self.space
+        out = np.zeros((sp.num_stages, max(len(c) for c in sp.stage_depth_choices)), dtype=np.int64)
+        for s, choices in enumerate(sp.stage_depth_choices):
+            out[s, : len(choices)] = choices
+        return out
+
+    def active(self, genomes: np.ndarray) -> np.ndarray:
+        """(N, B) running blocks: ``SearchSpace.genome_active`` in three array operations (it runs
+        several times per generation)."""
+        sp = self.space
+        depth = self._depth_values[np.arange(sp.num_stages), genomes[:, : sp.num_stages]]
+        return sp.position_of_block < depth[:, sp.stage_of_block]
+
+    @cached_property
     def _hash_weights(self) -> np.ndarray:
         return np.random.default_rng(0x5EA4C4).integers(1, 2**62, self.space.genome_length, dtype=np.int64)
 
@@ -103,7 +119,7 @@ class GeneSpec:
 
     def canonical(self, genomes: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
         """Genomes with skipped blocks' genes zeroed: equal iff the subnets are equal."""
-        active = self.space.genome_active(genomes) if active is None else active
+        active = self.active(genomes) if active is None else active
         keep = np.concatenate([active, np.ones((len(genomes), self.space.num_stages), bool)], axis=1)
         return np.where(keep[:, self.block_of_gene], genomes, 0)
 

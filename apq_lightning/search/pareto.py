@@ -25,6 +25,7 @@ from apq_lightning.search.constraints import COST_METRICS, Budget
 from apq_lightning.search.evolution import Archive
 from apq_lightning.search.problem import SearchProblem
 from apq_lightning.search.result import Candidate, SearchResult
+from apq_lightning.search.scorer import torch_threads
 
 _BIG = 1e12  # stands in for inf (an unrunnable subnet's latency) in pymoo's arrays
 
@@ -40,6 +41,7 @@ class ParetoConfig:
     start: str = "admissible"  # or "random": pymoo's IntegerRandomSampling over the whole space
     crossover_eta: float = 15.0
     mutation_eta: float = 20.0
+    threads: int | None = 1  # torch intra-op threads while searching (restored after)
 
     def __post_init__(self) -> None:
         if self.population < 2 or self.generations < 0 or self.top_k < 1:
@@ -97,7 +99,7 @@ def _pymoo_problem(problem: SearchProblem, objectives: tuple[str, ...], archive:
             g = np.repeat(genes.values[None], len(x), axis=0)
             g[:, free] = np.clip(np.rint(x), 0, card - 1).astype(np.int64)
             t = time.perf_counter()
-            active = problem.space.genome_active(g)
+            active = problem.genes.active(g)
             costs = problem.cost.evaluate(g, active, metrics)
             problem.timings["cost"] += time.perf_counter() - t
             acc = problem.score(g, active)
@@ -141,7 +143,7 @@ def pareto_search(problem: SearchProblem, cfg: ParetoConfig = ParetoConfig(),
     record: dict[str, Any] = {"gen": 0, "progress": progress}
     moo, free = _pymoo_problem(problem, objectives, archive, record)
     if cfg.start == "admissible":
-        sampling: Any = problem.admissible_genomes(rng, cfg.population)[0][:, free].astype(float)
+        sampling: Any = problem.admissible_genomes(rng, cfg.population, rounds=10)[0][:, free].astype(float)
     else:
         sampling = IntegerRandomSampling()
     algorithm = NSGA2(
@@ -151,7 +153,8 @@ def pareto_search(problem: SearchProblem, cfg: ParetoConfig = ParetoConfig(),
         mutation=PM(eta=cfg.mutation_eta, vtype=float, repair=RoundingRepair()),
         eliminate_duplicates=True,
     )
-    res = minimize(moo, algorithm, ("n_gen", cfg.generations + 1), seed=cfg.seed, verbose=False)
+    with torch_threads(cfg.threads):
+        res = minimize(moo, algorithm, ("n_gen", cfg.generations + 1), seed=cfg.seed, verbose=False)
     wall = time.perf_counter() - start
     front = _front(problem, res, free)
     settings = {**asdict(cfg), "objectives": list(objectives), "space": problem.space.name,

@@ -20,6 +20,7 @@ from apq_lightning.search.costs import FastCost, anchor_for
 from apq_lightning.search.genes import BitsMode, GeneSpec
 from apq_lightning.search.result import Candidate
 from apq_lightning.search.scorer import Scorer
+from apq_lightning.space import SearchSpace
 
 
 class BudgetError(ValueError):
@@ -46,10 +47,11 @@ class SearchProblem:
         """Validate and assemble; raises ``ValueError`` / :class:`BudgetError` with the reason."""
         fast = cost if isinstance(cost, FastCost) else FastCost.of(cost)
         sp = fast.space
-        scorer_space = getattr(scorer, "space", sp)
-        if getattr(scorer_space, "name", scorer_space) != sp.name:
-            raise ValueError(f"the predictor is for space {getattr(scorer_space, 'name', scorer_space)!r} but the "
-                             f"cost model prices space {sp.name!r}; search the predictor's space")
+        own = getattr(scorer, "space", None) or sp  # scorers of plain functions do not name one
+        own = getattr(own, "name", own)
+        if own != sp.name:
+            raise ValueError(f"the predictor is for space {own!r} but the cost model prices space {sp.name!r}; "
+                             f"search the predictor's space")
         if bits == "search" and not getattr(scorer, "quantized", True):
             raise ValueError("an FP predictor cannot rank bit policies: fix the bits (bits=8, an int from the "
                              "space's bit choices) or search float subnets (bits=None)")
@@ -70,14 +72,14 @@ class SearchProblem:
         self._sample_rate = 0.1
 
     @property
-    def space(self):  # noqa: ANN201 (SearchSpace)
+    def space(self) -> SearchSpace:
         return self.genes.space
 
     # ---- pieces every mode uses --------------------------------------------------------
     def costs(self, genomes: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
         """(costs, admissible mask, active blocks) of N genomes; timed as 'cost'."""
         t = time.perf_counter()
-        active = self.space.genome_active(genomes)
+        active = self.genes.active(genomes)
         c = self.cost.evaluate(genomes, active, self.metrics or COST_METRICS)
         ok = self.budget.admissible(c)
         self.timings["cost"] += time.perf_counter() - t

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from apq_lightning.search.constraints import COST_METRICS, UNITS
+from apq_lightning.search.constraints import COST_METRICS
 from apq_lightning.search.result import Candidate, SearchResult
 
 TABLE_COLUMNS: list[str] = ["constraint", "rank", "predicted_acc", *COST_METRICS, "depths", "subnet"]
@@ -43,8 +43,8 @@ def plot_search(results: Sequence[SearchResult], path: str | Path, max_points: i
     import matplotlib.pyplot as plt
 
     metric = plot_metric(results)
-    scale, unit = (1e-9, "GBitOps") if metric == "bitops" else (1e-6, "MB") if metric == "size_bytes" else \
-        (1.0, UNITS[metric])
+    scale, label = {"latency_ms": (1.0, "latency (ms)"), "energy_mJ": (1.0, "energy (mJ)"),
+                    "bitops": (1e-9, "GBitOps"), "size_bytes": (1e-6, "size (MB)")}[metric]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     rng = np.random.default_rng(0)
@@ -72,12 +72,12 @@ def plot_search(results: Sequence[SearchResult], path: str | Path, max_points: i
                    label=f"chosen ({r.budget})")
         if r.budget is not None and metric in r.budget.metrics:
             ax.axvline(r.budget.to_dict()[metric] * scale, color=color, ls="--", lw=0.8)
-    ax.set_xlabel(f"{metric} ({unit})")
+    ax.set_xlabel(f"{label} on {results[0].settings.get('hardware', '?')}" if results else label)
     ax.set_ylabel("predicted accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     mode = results[0].mode if results else "search"
-    ax.set_title(f"{mode} search: predicted accuracy vs {metric}", fontsize=10)
+    ax.set_title(f"{mode} search: predicted accuracy vs {label.split(' (')[0]}", fontsize=10)
     fig.tight_layout()
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ from apq_lightning.search.genes import BitsMode
 from apq_lightning.search.pareto import ParetoConfig, envelope, pareto_search
 from apq_lightning.search.problem import SearchProblem
 from apq_lightning.search.result import SearchResult
-from apq_lightning.search.scorer import as_scorer, torch_threads
+from apq_lightning.search.scorer import as_scorer
 from apq_lightning.space import get_space
 
 MODES: tuple[str, ...] = ("evolution", "pareto", "random")
@@ -53,11 +53,11 @@ class SearchSettings:
         parents = max(1, p // 4)
         return EvolutionConfig(generations=self.generations, population=p, parents=parents,
                                mutations=p // 2, crossovers=p - p // 2, seed=self.seed,
-                               top_k=min(self.top_k, parents))
+                               top_k=min(self.top_k, parents), threads=self.threads)
 
     def pareto(self) -> ParetoConfig:
         return ParetoConfig(generations=self.generations, population=self.population, seed=self.seed,
-                            top_k=self.top_k)
+                            top_k=self.top_k, threads=self.threads)
 
 
 def resolve_bits(bits: BitsMode | str, quantized: bool) -> BitsMode:
@@ -100,9 +100,7 @@ def prepare(predictor: Any, hardware: str, budgets: Sequence[Budget], settings: 
 def run(problems: Sequence[SearchProblem], settings: SearchSettings, budgets: Sequence[Budget],
         progress: Any = None) -> list[SearchResult]:
     """Run the prepared problems; one :class:`SearchResult` per budget, in ``budgets`` order."""
-    with torch_threads(settings.threads):
-        if settings.mode == "pareto":
-            res = pareto_search(problems[0], settings.pareto(), settings.objectives, budgets, progress)
-            return res.answers
-        fn = evolution_search if settings.mode == "evolution" else random_search
-        return [fn(p, settings.evolution(), progress) for p in problems]
+    if settings.mode == "pareto":
+        return pareto_search(problems[0], settings.pareto(), settings.objectives, budgets, progress).answers
+    fn = evolution_search if settings.mode == "evolution" else random_search
+    return [fn(p, settings.evolution(), progress) for p in problems]

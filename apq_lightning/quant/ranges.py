@@ -51,7 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .quantizers import CalibrationMethod, check_method, qrange
+from .bits import CalibrationMethod, check_method, qrange
 
 __all__ = [
     "HistogramObserver",

@@ -1,0 +1,294 @@
+"""A subnet's bit policy inside the supernet itself (no extraction).
+
+``quantize_supernet(net)`` plugs a :class:`SupernetQuantizer` into every dynamic conv's
+``quantizer`` slot (bits come from the active subnet's policy at each call) and quantizes the
+fixed layers; ``calibrate_supernet(net, batches)`` calibrates the active architecture.
+Afterwards any policy on that architecture runs without new data (weight ranges are re-derived
+from the weights, activation ranges from the histograms kept by the calibration, which are
+statistics of the float network and so do not depend on the bits). Running another
+architecture needs ``calibrate_supernet`` again; forgetting it raises instead of silently
+running with stale ranges. The numbers are those of ``quantize_subnet`` on the extracted
+subnet (:mod:`apq_lightning.quant.subnet`): the same quantizers, the same layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from apq_lightning.batches import iter_images
+from apq_lightning.layout import BLOCK_CONVS, FIXED_LAYERS
+from apq_lightning.space import Subnet
+
+from .bits import SUPPORTED_BITS, CalibrationMethod, check_method, validate_bits
+from .layers import QuantLayerMixin, observe, quantize_modules
+from .quantizers import LinearQuantizer
+from .subnet import FixedBits, allowed_bits, fixed_layer_plan, resolve_fixed_bits, same_arch
+
+if TYPE_CHECKING:
+    from apq_lightning.supernet import DynamicConv, Supernet
+
+__all__ = [
+    "SupernetQuantizer",
+    "quantize_supernet",
+    "calibrate_supernet",
+    "supernet_quant_disabled",
+    "dequantize_supernet",
+]
+
+
+class SupernetQuantizer(nn.Module):
+    """Fake-quantizes a dynamic conv's input and active weight with the active subnet's bits.
+
+    Sits in ``DynamicConv.quantizer`` and is called as ``x, w = q(x, w, (w_bits, a_bits))``.
+    It owns the same two :class:`LinearQuantizer` a :class:`~apq_lightning.quant.QuantConv2d`
+    owns, so an extracted subnet and the supernet quantize identically. Ranges are fixed
+    between calibrations: the weight range is derived once per (active weight shape, bits) and
+    the activation range comes from :func:`calibrate_supernet` (re-derived from its histogram
+    when only the bits change).
+    """
+
+    def __init__(
+        self,
+        a_signed: bool,
+        per_channel: bool = False,
+        method: CalibrationMethod = "kl",
+        allowed_bits: Sequence[int] = SUPPORTED_BITS,
+        name: str = "",
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.weight_quantizer = LinearQuantizer(None, True, per_channel, 0, method=method, allowed_bits=allowed_bits)
+        self.input_quantizer = LinearQuantizer(None, a_signed, method=method, allowed_bits=allowed_bits)
+        self._weight_key: tuple[Any, ...] | None = None
+
+    @property
+    def w_bits(self) -> int | None:
+        return self.weight_quantizer.bits
+
+    @property
+    def a_bits(self) -> int | None:
+        return self.input_quantizer.bits
+
+    def reset(self) -> None:
+        """Forget every range and histogram (a new architecture is about to be calibrated)."""
+        self.weight_quantizer.reset()
+        self.input_quantizer.reset()
+        self._weight_key = None
+
+    def _sync_weight(self, weight: Tensor, w_bits: int | None) -> None:
+        key = (tuple(weight.shape), w_bits)
+        if key == self._weight_key:
+            return
+        wq = self.weight_quantizer
+        wq.bits = validate_bits(w_bits, wq.allowed_bits, what=f"{self.name or 'conv'} w_bits")
+        if w_bits is not None:
+            with torch.no_grad():
+                wq.calibrate_from_tensor(weight)
+        self._weight_key = key
+
+    def forward(self, x: Tensor, weight: Tensor, bits: tuple[int | None, int | None]) -> tuple[Tensor, Tensor]:
+        w_bits, a_bits = bits
+        iq = self.input_quantizer
+        if iq.observing:  # calibration: record the float input, derive the weight range once
+            iq(x)
+            self._sync_weight(weight, w_bits)
+            return x, weight
+        if not (iq.enabled and self.weight_quantizer.enabled):
+            return x, weight
+        if a_bits != iq.bits:
+            iq.set_bits(a_bits)  # from the kept histogram; uncalibrated if there is none
+        if a_bits is not None and not iq.is_calibrated:
+            raise RuntimeError(
+                f"{self.name or 'a supernet conv'}: no activation range for the active subnet; "
+                "call calibrate_supernet(supernet, batches) after set_active()"
+            )
+        self._sync_weight(weight, w_bits)
+        return iq(x), self.weight_quantizer(weight)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+@dataclass
+class _SupernetQuantState:
+    fixed_bits: int | None
+    method: CalibrationMethod
+    per_channel: bool
+    calibrated_arch: Subnet | None = None
+    enabled: bool = True
+    calibrating: bool = False
+    hook: Any = field(default=None, repr=False)
+
+
+def _state(supernet: nn.Module) -> _SupernetQuantState:
+    st = getattr(supernet, "_apq_quant", None)
+    if st is None:
+        raise ValueError("the supernet is not quantized: call quantize_supernet(supernet) first")
+    return st
+
+
+def _dynamic_convs(supernet: Supernet) -> Iterator[tuple[int, str, DynamicConv, bool]]:
+    """``(block index, attribute, conv, input signed)`` of every conv of every elastic block."""
+    for i, blk in enumerate(supernet.blocks):
+        for conv in BLOCK_CONVS:
+            yield i, conv.supernet_attr, getattr(blk, conv.supernet_attr), conv.a_signed
+
+
+def _check_arch(supernet: Supernet, args: Any) -> None:
+    st = supernet._apq_quant  # type: ignore[attr-defined]
+    if not st.enabled or st.calibrating:
+        return
+    if st.calibrated_arch is None or not same_arch(st.calibrated_arch, supernet.active_subnet):
+        raise RuntimeError(
+            "the quantized supernet is calibrated for "
+            f"{'no subnet yet' if st.calibrated_arch is None else st.calibrated_arch.to_json()}, but the active "
+            f"subnet is {supernet.active_subnet.to_json()}: call calibrate_supernet(supernet, batches) "
+            "(or run it float inside `with supernet_quant_disabled(supernet):`)"
+        )
+
+
+def quantize_supernet(
+    supernet: Supernet,
+    fixed_bits: FixedBits = "space",
+    method: CalibrationMethod = "kl",
+    per_channel: bool = False,
+) -> Supernet:
+    """Attach quantizers to a supernet in place (see the module docstring). Call
+    :func:`calibrate_supernet` next. Idempotent: a second call only changes ``fixed_bits``."""
+    check_method(method)
+    space = supernet.space
+    fixed = resolve_fixed_bits(space, fixed_bits)
+    allowed = allowed_bits(space, fixed)
+    quantize_modules(supernet, fixed_layer_plan(fixed), default=(None, None), method=method,
+                     per_channel=per_channel, allowed_bits=allowed)
+    st = getattr(supernet, "_apq_quant", None)
+    if st is not None:
+        st.fixed_bits = fixed
+        st.calibrated_arch = None  # the fixed layers' ranges are gone with their bits
+        return supernet
+    for i, attr, conv, signed in _dynamic_convs(supernet):
+        conv.quantizer = SupernetQuantizer(
+            signed, per_channel, method, allowed_bits=allowed, name=f"blocks.{i}.{attr}"
+        ).to(conv.weight.device)
+    st = _SupernetQuantState(fixed, method, per_channel)
+    st.hook = supernet.register_forward_pre_hook(_check_arch)
+    supernet._apq_quant = st  # type: ignore[attr-defined]
+    return supernet
+
+
+_FIXED_NAMES = frozenset(spec.name for spec in FIXED_LAYERS)
+
+
+def _fixed_quant_layers(supernet: nn.Module) -> list[QuantLayerMixin]:
+    return [m for n, m in supernet.named_modules() if n in _FIXED_NAMES and isinstance(m, QuantLayerMixin)]
+
+
+@torch.no_grad()
+def calibrate_supernet(
+    supernet: Supernet,
+    batches: Iterable[Any],
+    method: CalibrationMethod | None = None,
+    num_batches: int | None = None,
+) -> Supernet:
+    """Calibrate the quantizers of the *active* architecture (float statistics, eval mode).
+
+    Every block quantizer is reset first, so a quantizer of another architecture can never be
+    used by mistake. Re-calibrate BatchNorm before (:func:`~apq_lightning.supernet.recalibrate_bn`
+    inside ``with supernet_quant_disabled(supernet):``). Raises ValueError without data.
+    """
+    st = _state(supernet)
+    if method is not None:
+        check_method(method)
+    if num_batches is not None and num_batches <= 0:
+        raise ValueError(f"calibrate_supernet needs at least one batch; got num_batches={num_batches}")
+    subnet = supernet.active_subnet
+    active = set(subnet.active_blocks)
+    block_q: list[SupernetQuantizer] = []
+    for i, _, conv, _ in _dynamic_convs(supernet):
+        q = conv.quantizer
+        assert isinstance(q, SupernetQuantizer)
+        q.reset()
+        if method is not None:
+            q.weight_quantizer.method = q.input_quantizer.method = method
+        if i in active:
+            q.input_quantizer.bits = conv.active_bits[1]
+            block_q.append(q)
+    fixed = _fixed_quant_layers(supernet)
+    act = [q.input_quantizer for q in block_q] + [m.input_quantizer for m in fixed]
+    for q in act:
+        q.enabled = True
+    for m in fixed:  # on again after the observation, even if quantization was disabled before
+        m.weight_quantizer.enabled = True
+    device = next(supernet.parameters()).device
+    st.calibrating = True
+    try:
+        observe(supernet, act, [m.weight_quantizer for m in fixed], iter_images(batches, num_batches, device),
+                supernet, what="calibrate_supernet")
+    finally:
+        st.calibrating = False
+    for q in act:
+        q.stop_observing(method)
+    for m in fixed:
+        m.calibrate_weight(method)
+    st.calibrated_arch = subnet.with_bits(None)
+    st.enabled = True
+    return supernet
+
+
+def _set_supernet_enabled(supernet: Supernet, flag: bool) -> None:
+    st = _state(supernet)
+    st.enabled = flag
+    for _, _, conv, _ in _dynamic_convs(supernet):
+        q = conv.quantizer
+        if isinstance(q, SupernetQuantizer):
+            q.weight_quantizer.enabled = q.input_quantizer.enabled = flag
+    for m in _fixed_quant_layers(supernet):
+        m.weight_quantizer.enabled = m.input_quantizer.enabled = flag
+
+
+@contextmanager
+def supernet_quant_disabled(supernet: Supernet) -> Iterator[Supernet]:
+    """Run a quantized supernet in float for a while (e.g. BatchNorm re-calibration, a float
+    evaluation of another subnet); quantization comes back on exit."""
+    _set_supernet_enabled(supernet, False)
+    try:
+        yield supernet
+    finally:
+        _set_supernet_enabled(supernet, True)
+
+
+def dequantize_supernet(supernet: Supernet) -> Supernet:
+    """Remove every quantizer (block slots emptied, fixed layers back to plain Conv2d/Linear)."""
+    _state(supernet)
+    for key, fn in list(supernet._forward_pre_hooks.items()):  # by function, not by handle: a
+        if fn is _check_arch:                                   # deep copy shares its handle
+            del supernet._forward_pre_hooks[key]
+    for _, _, conv, _ in _dynamic_convs(supernet):
+        conv.quantizer = None
+    for parent in supernet.modules():
+        for child_name, child in list(parent.named_children()):
+            if isinstance(child, QuantLayerMixin):
+                plain = _to_float(child)
+                setattr(parent, child_name, plain)
+    del supernet._apq_quant  # type: ignore[attr-defined]
+    return supernet
+
+
+def _to_float(q: QuantLayerMixin) -> nn.Module:
+    if isinstance(q, nn.Conv2d):
+        with torch.device("meta"):
+            plain: nn.Module = nn.Conv2d(q.in_channels, q.out_channels, q.kernel_size, q.stride, q.padding,
+                                         q.dilation, q.groups, q.bias is not None, q.padding_mode)
+    else:
+        assert isinstance(q, nn.Linear)
+        with torch.device("meta"):
+            plain = nn.Linear(q.in_features, q.out_features, q.bias is not None)
+    plain.weight, plain.bias = q.weight, q.bias  # type: ignore[assignment]
+    plain.train(q.training)  # type: ignore[attr-defined]
+    return plain
