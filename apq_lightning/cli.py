@@ -1,8 +1,11 @@
-"""Command line: ``python -m apq_lightning.cli {fit,validate,test,lut,cost} ...``.
+"""Command line: ``apq <command> ...`` (or ``python -m apq_lightning.cli <command> ...``).
 
-``fit``/``validate``/``test`` are LightningCLI (omegaconf parser mode, so recipes may use
-``${...}`` interpolation); the model class comes from the recipe (``model.class_path``).
-``lut`` and ``cost`` are the hardware cost-model commands.
+``fit``/``validate``/``test``/``predict`` are LightningCLI (omegaconf+ parser mode: recipes may
+use ``${...}`` interpolation, resolved after the command line, so ``--trainer.default_root_dir``
+moves every output that the recipe derives from it); the model and data classes come from the
+recipe (``model.class_path``). ``cost`` and ``lut`` are the hardware cost-model commands,
+``search`` the predictor-driven search. ``apq --help`` (or no arguments) lists the commands
+and which recipe runs each stage of the pipeline.
 """
 
 from __future__ import annotations
@@ -25,15 +28,16 @@ def _num_classes_of(datamodule: Any) -> int | None:
 def lightning_main(argv: list[str] | None) -> None:
     """fit / validate / test / predict through LightningCLI (imported here: it is slow to import)."""
     import lightning as L
+    from jsonargparse import set_parsing_settings
     from omegaconf import OmegaConf
 
     from apq_lightning.checked_cli import CheckedLightningCLI, run_lightning_cli
 
     if not OmegaConf.has_resolver("phase_epochs"):
-        # omegaconf >= 2.4 renamed register_new_resolver; support both.
-        (getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver)(
-            "phase_epochs", _phase_epochs
-        )
+        OmegaConf.register_resolver("phase_epochs", _phase_epochs)  # omegaconf >= 2.4
+    # omegaconf+ resolves interpolations once the command line is applied; recipes write absolute
+    # keys (${trainer.default_root_dir}), which this setting makes relative to the subcommand.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
 
     class APQLightningCLI(CheckedLightningCLI):
         """LightningCLI that sizes the model's classifier from the datamodule.
@@ -55,7 +59,7 @@ def lightning_main(argv: list[str] | None) -> None:
             L.LightningDataModule,
             subclass_mode_model=True,
             subclass_mode_data=True,
-            parser_kwargs={"parser_mode": "omegaconf", "exit_on_error": False},
+            parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
             save_config_kwargs={"overwrite": True},
             args=argv,
         ),
@@ -63,16 +67,70 @@ def lightning_main(argv: list[str] | None) -> None:
     )
 
 
+LIGHTNING_COMMANDS: tuple[str, ...] = ("fit", "validate", "test", "predict")
+
+COMMANDS: dict[str, str] = {
+    "fit": "train the recipe's model (LightningCLI): supernet, predictors, QAT finetune",
+    "validate": "evaluate the recipe's model on the validation split (LightningCLI)",
+    "test": "evaluate the recipe's model on the test split (LightningCLI)",
+    "predict": "run the recipe's predict loop (LightningCLI): FP / MP sample collection",
+    "cost": "latency, energy, BitOps and size of subnets on a hardware cost model",
+    "lut": "measure a latency lookup table of a space on this machine (lut build)",
+    "search": "search subnets under hardware budgets with an accuracy predictor",
+}
+"""Every command of ``apq``, with its one-line description (the help lists them in this order)."""
+
+PIPELINE: tuple[tuple[str, str], ...] = (
+    ("1 supernet: progressive shrinking + KD", "fit --config recipes/supernet_{tiny,cifar,imagenet}.yaml"),
+    ("2 FP samples: BN-recalibrated accuracy", "predict --config recipes/collect_fp{_tiny,}.yaml"),
+    ("3 FP accuracy predictor", "fit --config recipes/predictor_fp{_tiny,}.yaml"),
+    ("4 MP samples: quantize + short QAT", "predict --config recipes/collect_mp{_tiny,}.yaml"),
+    ("5 MP predictor, transfer from stage 3", "fit --config recipes/predictor_mp{_tiny,}.yaml"),
+    ("6 search under hardware budgets", "search --predictor CKPT --constraint latency_ms=V"),
+    ("7 QAT finetune of the winner", "fit --config recipes/finetune{_tiny,}.yaml --model.subnet S"),
+)
+"""Which command and recipe runs each stage of APQ (DESIGN.md §1)."""
+
+
+def usage() -> str:
+    """The overview printed by ``apq --help`` and by ``apq`` without arguments."""
+    width, stage_width = max(map(len, COMMANDS)), max(len(stage) for stage, _ in PIPELINE)
+    lines = [
+        "usage: apq <command> [options]        (or: python -m apq_lightning.cli <command> [options])",
+        "",
+        "APQ: joint search of architecture, channel pruning and mixed-precision quantization.",
+        "",
+        "commands:",
+        *(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()),
+        "",
+        "pipeline (recipes in recipes/; _tiny runs offline in minutes, the others on CIFAR-10 / ImageNet):",
+        *(f"  {stage:<{stage_width}}  apq {how}" for stage, how in PIPELINE),
+        "  (stage 6 also runs when stage 5 ends: the EvolutionSearch callback of recipes/predictor_mp.yaml)",
+        "",
+        "Every recipe writes under its trainer.default_root_dir (runs/<recipe>); --trainer.default_root_dir DIR",
+        "moves all of a run's outputs. 'apq <command> --help' lists a command's options.",
+    ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] in ("lut", "cost"):
+    if not args or args[0] in ("-h", "--help"):
+        print(usage(), file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    command = args[0]
+    if command in ("lut", "cost"):
         from apq_lightning.hardware.commands import cost_main, lut_main
 
-        return (lut_main if args[0] == "lut" else cost_main)(args[1:])
-    if args and args[0] == "search":
-        from apq_lightning.search.command import main as search_main
+        return (lut_main if command == "lut" else cost_main)(args[1:])
+    if command == "search":
+        from apq_lightning.search import command as search_command
 
+        search_main = getattr(search_command, "search_main", None) or search_command.main
         return search_main(args[1:])
+    if command not in LIGHTNING_COMMANDS and not command.startswith("-"):
+        print(f"apq: unknown command {command!r}; commands: {', '.join(COMMANDS)} (see apq --help)", file=sys.stderr)
+        return 2
     lightning_main(argv)  # None: LightningCLI reads sys.argv itself
     return 0
 

@@ -90,7 +90,7 @@ class PredictorScatter(L.Callback):
         lo, hi = float(min(t.min(), p.min())), float(max(t.max(), p.max()))
         pad = 0.02 * (hi - lo or 1.0)
         fig, ax = plt.subplots(figsize=(5, 5))
-        ax.scatter(t, p, s=6, alpha=0.5, edgecolors="none")
+        ax.scatter(t, p, s=14 if len(t) < 500 else 5, alpha=0.6, edgecolors="none")
         ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", lw=0.8, ls="--")
         ax.set_xlim(lo - pad, hi + pad)
         ax.set_ylim(lo - pad, hi + pad)

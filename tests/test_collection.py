@@ -162,9 +162,9 @@ def test_other_space_or_supernet_is_refused(tmp_path: Path):
     _write(tmp_path / "b.jsonl", [_record(2, h="other")])
     with pytest.raises(ValueError, match=r"b.jsonl:1: .*supernet 'other'.*a.jsonl:1.*'abc123'"):
         read_samples(tmp_path / "*.jsonl")
-    _write(tmp_path / "b.jsonl", [_record(2, space="apq_cifar")])
-    with pytest.raises(ValueError, match="space 'apq_cifar'"):
-        read_samples([a, tmp_path / "b.jsonl"])
+    c = _write(tmp_path / "c.jsonl", [_record(2, space="apq_cifar")])
+    with pytest.raises(ValueError, match=r"c.jsonl:1: record is for space 'apq_cifar'.*'tiny'"):
+        read_samples([a, c])
     with pytest.raises(ValueError, match="no sample files match"):
         read_samples(tmp_path / "nothing*.jsonl")
 

@@ -186,6 +186,23 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(back.predict(genomes), mp.predict(genomes), rtol=0, atol=0)
 
 
+def test_load_and_transfer_from_a_lightning_checkpoint_layout(tmp_path):
+    fp = AccuracyPredictor("tiny", quantized=False, hidden=24, base_acc=0.3)
+    ckpt = {"state_dict": {f"predictor.{k}": v for k, v in fp.state_dict().items()},
+            "hyper_parameters": {"space": "tiny", "quantized": False, "hidden": 24, "num_layers": 3, "lr": 1e-3},
+            "epoch": 4}
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    back = AccuracyPredictor.load(tmp_path / "last.ckpt")
+    for k, v in fp.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0)
+    mp = AccuracyPredictor("tiny", quantized=True, hidden=24).transfer_from(str(tmp_path / "last.ckpt"))
+    torch.testing.assert_close(mp.regressor.bias, fp.regressor.bias)
+    ckpt["state_dict"] = {"model.x": torch.zeros(1)}
+    torch.save(ckpt, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="without 'predictor.\\*' weights"):
+        AccuracyPredictor.load(tmp_path / "other.ckpt")
+
+
 def test_load_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         AccuracyPredictor.load(tmp_path / "missing.pt")
@@ -509,6 +526,10 @@ def test_follow_reads_new_lines_and_waits_for_a_torn_tail(tmp_path):
         fh.write(text[cut:])
     assert len(dm.train_dataloader().dataset) == 80
     write_store(tmp_path / "new_shard.jsonl", "tiny", "mp_random", 5, seed=2)  # a new file matching the glob
+    assert len(dm.train_dataloader().dataset) == 85
+    merged = tmp_path / "merged.tmp"  # merge_stores-style: a new file renamed over the old one
+    merged.write_text("".join(reversed(path.read_text().splitlines(keepends=True))))
+    os.replace(merged, path)
     assert len(dm.train_dataloader().dataset) == 85
 
 

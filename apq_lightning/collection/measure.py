@@ -91,7 +91,7 @@ def measure_fp(
     subnet: Subnet,
     bn_images: Sequence[torch.Tensor],
     eval_batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    mode: FPMode = "inplace",
+    mode: FPMode = "extract",
     channels_last: bool = True,
 ) -> FPResult:
     """Accuracy of a float subnet after BatchNorm re-calibration on ``bn_images``.

@@ -148,7 +148,8 @@ class _Cursor:
 
     offset: int = 0
     line: int = 0
-    newline_owed: bool = False
+    newline_owed: bool = False  # a last record was read before its newline was written
+    inode: int = 0  # a store replaced by another file (merge_stores renames over it) is read anew
     samples: list[_Sample] = field(default_factory=list)
 
 
@@ -260,13 +261,13 @@ class SubnetSampleDataModule(L.LightningDataModule):
         """Read what was appended to the stores since the last call; returns the new samples."""
         before = sum(len(c.samples) for c in self._cursors.values())
         for path in self._files():
-            cursor = self._cursors.setdefault(path, _Cursor())
-            size = path.stat().st_size
-            if size < cursor.offset:  # rewritten (merged / repaired): read it again
+            stat = path.stat()
+            cursor = self._cursors.setdefault(path, _Cursor(inode=stat.st_ino))
+            if stat.st_size < cursor.offset or stat.st_ino != cursor.inode:  # replaced or truncated: read anew
                 for s in cursor.samples:
                     self._seen.discard(s.identity)
-                cursor = self._cursors[path] = _Cursor()
-            if size > cursor.offset:
+                cursor = self._cursors[path] = _Cursor(inode=stat.st_ino)
+            if stat.st_size > cursor.offset:
                 self._read_new(path, cursor)
         return sum(len(c.samples) for c in self._cursors.values()) - before
 
@@ -286,19 +287,18 @@ class SubnetSampleDataModule(L.LightningDataModule):
         with open(path, "rb") as fh:
             fh.seek(cursor.offset)
             data = fh.read()
-        consumed = 0
-        if cursor.newline_owed and data.startswith(b"\n"):  # the newline of a record read before it came
+        consumed, line, owed = 0, cursor.line, False
+        if cursor.newline_owed and data.startswith(b"\n"):
             data, consumed = data[1:], 1
-        cursor.newline_owed = False
         lines = data.split(b"\n")
         complete, tail = lines[:-1], lines[-1]
         batch: list[tuple[str, SampleRecord]] = []
         for raw in complete:
-            cursor.line += 1
+            line += 1
             consumed += len(raw) + 1
             if not raw.strip():
-                raise ValueError(f"{path}:{cursor.line}: empty line inside a sample store")
-            batch.append(self._parse(f"{path}:{cursor.line}", raw))
+                raise ValueError(f"{path}:{line}: empty line inside a sample store")
+            batch.append(self._parse(f"{path}:{line}", raw))
         if tail.strip():
             # No newline yet: a record being written (follow), or a torn / hand-written last line.
             try:
@@ -306,17 +306,17 @@ class SubnetSampleDataModule(L.LightningDataModule):
             except (ValueError, UnicodeDecodeError):
                 if not self.follow:
                     warnings.warn(
-                        f"{path}:{cursor.line + 1}: skipping a torn last line ({len(tail)} bytes, an interrupted "
-                        "write)", TornLineWarning, stacklevel=3,
+                        f"{path}:{line + 1}: skipping a torn last line ({len(tail)} bytes, an interrupted write)",
+                        TornLineWarning, stacklevel=3,
                     )
             else:
                 if not self.follow:  # a complete record without its newline: the file ends there
-                    cursor.line += 1
+                    line += 1
                     consumed += len(tail)
-                    cursor.newline_owed = True
-                    batch.append(self._parse(f"{path}:{cursor.line}", tail))
-        cursor.offset += consumed
-        self._add(batch, cursor)
+                    owed = True
+                    batch.append(self._parse(f"{path}:{line}", tail))
+        self._add(batch, cursor)  # may raise: the cursor then stays where it was
+        cursor.offset, cursor.line, cursor.newline_owed = cursor.offset + consumed, line, owed
 
     def _parse(self, where: str, raw: bytes) -> tuple[str, SampleRecord]:
         try:

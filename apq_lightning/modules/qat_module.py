@@ -14,7 +14,8 @@ run without a QAT checkpoint):
    validation, ``test/acc`` in ``test``.
 
 ``fp/acc`` and ``ptq/acc`` are measured on the validation loader (the held-out training images;
-every rank evaluates all of it, so DDP ranks agree), printed, and logged once training starts.
+every rank evaluates all of it, so DDP ranks agree), reported on rank zero, and logged once
+training starts.
 
 Distillation (``kd_ratio > 0``): the teacher is, by default, **the full-precision subnet
 itself** (``teacher="subnet"``: a frozen float copy taken after BatchNorm re-calibration, before
@@ -31,44 +32,26 @@ back with ``weights_only=True``.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from apq_lightning.layers import SubnetModel
-from apq_lightning.modules.common import (
-    calibration_batches,
-    check_optimizer_args,
-    check_training_args,
-    configure_sgd_cosine,
-    distillation_loss,
-    to_channels_last,
-)
-from apq_lightning.modules.supernet_module import load_supernet
-from apq_lightning.quant import calibrate, check_method, quant_summary
-from apq_lightning.quant.policy import (
-    apply_named_policy,
-    apply_policy,
-    clone_float,
-    resolve_fixed_bits,
-    save_quantized,
-)
-from apq_lightning.space import Subnet, get_space, load_subnet
-from apq_lightning.supernet import Supernet, recalibrate_bn
+from apq_lightning.modules.common import DistilledTraining, calibration_batches
+from apq_lightning.quant import calibrate, check_method
+from apq_lightning.quant.export import save_quantized
+from apq_lightning.quant.subnet import apply_policy, clone_float, resolve_fixed_bits
+from apq_lightning.space import Subnet, apply_named_policy, get_space, is_float_policy_name, load_subnet
+from apq_lightning.supernet import Supernet, load_supernet, recalibrate_bn
 
 RANDOM_INIT_WARNING = (
-    "\n" + "!" * 88 + "\n"
-    "!!  QATModule: no supernet_ckpt given -- finetuning a subnet of a RANDOMLY INITIALISED supernet.\n"
-    "!!  Accuracies will be meaningless. Pass --model.supernet_ckpt runs/<supernet recipe>/checkpoints/last.ckpt\n"
-    + "!" * 88
+    "QATModule: no supernet_ckpt given -- finetuning a subnet of a RANDOMLY INITIALISED supernet; accuracies "
+    "will be meaningless. Pass --model.supernet_ckpt runs/<supernet recipe>/checkpoints/last.ckpt"
 )
 
 
@@ -87,15 +70,17 @@ def resolve_subnet(
             raise ValueError(f"subnet: {err}") from None
     elif subnet is None:
         if space is None:
-            raise ValueError("QATModule: give `subnet` (a JSON path or dict) or `space` (then its largest subnet is used)")
+            raise ValueError(
+                "QATModule: give `subnet` (a JSON path or dict) or `space` (then its largest subnet is used)"
+            )
         sub = get_space(space).largest()
     else:
         raise ValueError(f"subnet must be a path, a dict or null, got {type(subnet).__name__}")
     if policy is not None:
-        if sub.bits is not None and policy.lower() not in ("float", "fp", "fp32", "none"):
-            warnings.warn(f"QATModule: policy={policy!r} replaces the subnet's own bit policy", stacklevel=3)
+        if sub.bits is not None and not is_float_policy_name(policy):
+            rank_zero_warn(f"QATModule: policy={policy!r} replaces the subnet's own bit policy")
         sub = apply_named_policy(sub, policy)
-        if policy.lower() in ("float", "fp", "fp32", "none"):
+        if is_float_policy_name(policy):
             return sub
     if sub.bits is None:
         raise ValueError(
@@ -105,7 +90,7 @@ def resolve_subnet(
     return sub
 
 
-class QATModule(L.LightningModule):
+class QATModule(DistilledTraining):
     """Quantize one subnet of a supernet, calibrate it and finetune it with QAT (see module doc).
 
     Args:
@@ -160,9 +145,7 @@ class QATModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         check_method(method)
-        check_optimizer_args(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
-        check_training_args(kd_ratio=kd_ratio, kd_temperature=kd_temperature, label_smoothing=label_smoothing,
-                            dropout=dropout)
+        self.check_shared_hparams()
         if teacher not in ("subnet", "largest"):
             raise ValueError(f"teacher = {teacher!r}; allowed: 'subnet', 'largest'")
         if calib_batches < 1:
@@ -177,9 +160,8 @@ class QATModule(L.LightningModule):
         model = supernet.extract(self.subnet)
         model.dropout.p = dropout
         self.model: SubnetModel = apply_policy(model, self.subnet, self.fixed_bits, method, per_channel)  # type: ignore[arg-type]
-        self._teacher: list[nn.Module] = []  # a list keeps it out of state_dict / DDP / .to()
         if kd_ratio > 0 and teacher == "largest":
-            self._teacher.append(supernet.extract(supernet.space.largest()).eval().requires_grad_(False))
+            self.set_teacher(supernet.extract(supernet.space.largest()))
         self.prepared = False
         self.prep_metrics: dict[str, float] = {}
         self._prep_logged = False
@@ -190,8 +172,7 @@ class QATModule(L.LightningModule):
     @staticmethod
     def _load_supernet(ckpt: str | None, space: str | None, num_classes: int, dropout: float) -> Supernet:
         if ckpt is None:
-            warnings.warn(RANDOM_INIT_WARNING, stacklevel=3)
-            rank_zero_only(print)(RANDOM_INIT_WARNING, flush=True)
+            rank_zero_warn(RANDOM_INIT_WARNING)
             return Supernet(space or "apq_cifar", num_classes, dropout)
         try:
             net = load_supernet(ckpt)
@@ -205,19 +186,8 @@ class QATModule(L.LightningModule):
             )
         return net
 
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self._teacher[0] if self._teacher else None
-
-    def setup(self, stage: str) -> None:
-        if self.hparams.channels_last:
-            self.model.to(memory_format=torch.channels_last)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return to_channels_last(batch) if self.hparams.channels_last else batch
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+    def trained_network(self) -> nn.Module:
+        return self.model
 
     # ---- preparation: BN re-calibration, FP accuracy, quantizer calibration, PTQ accuracy ----
     def _limit(self) -> int | None:
@@ -272,17 +242,17 @@ class QATModule(L.LightningModule):
         if loader is not None:
             metrics["fp/acc"] = self.evaluate(self.model, loader, self._limit())
         if h.kd_ratio > 0 and h.teacher == "subnet":
-            self._teacher[:] = [clone_float(self.model).eval().requires_grad_(False)]
-        calibrate(self.model, calibration_batches(trainer, n_cal, h.calib_batch_size), method=h.method, num_batches=n_cal)
+            self.set_teacher(clone_float(self.model))
+        calibrate(self.model, calibration_batches(trainer, n_cal, h.calib_batch_size), method=h.method,
+                  num_batches=n_cal)
         if loader is not None:
             metrics["ptq/acc"] = self.evaluate(self.model, loader, self._limit())
         self.prepared = True
         self.prep_metrics = metrics
-        self._print_prep(metrics)
+        self._report_prep(metrics)
         return metrics
 
-    @rank_zero_only
-    def _print_prep(self, metrics: dict[str, float]) -> None:
+    def _report_prep(self, metrics: dict[str, float]) -> None:
         if self.subnet.bits is None:
             bits = "float"
         else:
@@ -290,8 +260,9 @@ class QATModule(L.LightningModule):
             bits = f"uniform {used.pop()}" if len(used) == 1 else "mixed"
         lines = [f"QAT of subnet {self.subnet.key()} ({self.subnet.space}, {len(self.subnet.active_blocks)} blocks, "
                  f"bits {bits}, fixed layers {self.fixed_bits or 'float'}):"]
-        lines += [f"  {k:8s} {v:.4f}" for k, v in metrics.items()] or ["  (no validation data: accuracies not measured)"]
-        print("\n".join(lines), flush=True)
+        lines += [f"  {k:8s} {v:.4f}" for k, v in metrics.items()] or [
+            "  (no validation data: accuracies not measured)"]
+        rank_zero_info("\n".join(lines))
 
     def _log_prep(self) -> None:
         if self._prep_logged:
@@ -302,10 +273,7 @@ class QATModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.prepare()
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-            if self.hparams.channels_last:
-                self.teacher.to(memory_format=torch.channels_last)
+        self.place_teacher()
 
     def on_train_start(self) -> None:
         self._log_prep()
@@ -327,13 +295,8 @@ class QATModule(L.LightningModule):
     # ---- QAT -------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
-        h = self.hparams
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=h.label_smoothing)
-        if h.kd_ratio > 0 and self.teacher is not None:
-            with torch.no_grad():
-                t = self.teacher(x)
-            loss = loss + h.kd_ratio * distillation_loss(logits, t, h.kd_temperature)
+        loss = self.distilled_loss(logits, y, self.teacher_logits(x))
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -346,13 +309,6 @@ class QATModule(L.LightningModule):
         x, y = batch
         self.test_acc.update(self.model(x), y)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        return configure_sgd_cosine(self, self.model, h.optimizer, h.lr, h.weight_decay, h.momentum, h.warmup_epochs)
-
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        scheduler.step_update(num_updates=self.global_step)
 
     # ---- checkpoints and export --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -392,11 +348,7 @@ class QATModule(L.LightningModule):
     def on_fit_end(self) -> None:
         if self.hparams.export_path and self.trainer.is_global_zero:
             path = self.save_quantized(self.hparams.export_path)
-            print(f"quantized model written to {path}", flush=True)
-
-    def summary(self) -> str:
-        """Per-layer bits / signedness / ranges (float layers listed explicitly)."""
-        return quant_summary(self.model)
+            rank_zero_info(f"quantized model written to {path}")
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:

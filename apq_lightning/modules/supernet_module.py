@@ -14,25 +14,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
-import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from apq_lightning.modules.common import (
-    calibration_batches,
-    check_optimizer_args,
-    check_training_args,
-    configure_sgd_cosine,
-    distillation_loss,
-    to_channels_last,
-)
+from apq_lightning.layers import SubnetModel
+from apq_lightning.modules.common import DistilledTraining, calibration_batches, check_training_args
 from apq_lightning.space import SearchSpace, Subnet, get_space
-from apq_lightning.supernet import Supernet, recalibrate_bn
-from apq_lightning.torch_io import read_torch_file
+from apq_lightning.supernet import Supernet, load_supernet, recalibrate_bn
 
 PHASE_NAMES = ("full", "kernel", "depth", "width")
 
@@ -140,7 +131,7 @@ def _as_phases(phases: Any) -> list[Phase]:
     return [p if isinstance(p, Phase) else Phase(**p) for p in phases]
 
 
-class SupernetModule(L.LightningModule):
+class SupernetModule(DistilledTraining):
     """Trains a :class:`Supernet` with progressive shrinking + in-place distillation."""
 
     def __init__(
@@ -169,13 +160,12 @@ class SupernetModule(L.LightningModule):
         except ValueError as err:
             raise ValueError(f"space: {err}") from None
         self.phases = _as_phases(phases)
-        check_training_args(subnets_per_step=subnets_per_step, kd_ratio=kd_ratio, kd_temperature=kd_temperature,
-                            label_smoothing=label_smoothing, dropout=dropout, num_random_eval=num_random_eval,
-                            bn_calib_batches=bn_calib_batches)
-        check_optimizer_args(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_epochs=warmup_epochs)
         # Plain dicts in the checkpoint so that it loads with weights_only=True.
         self.save_hyperparameters(ignore=["phases"])
         self.hparams["phases"] = [asdict(p) for p in self.phases]
+        check_training_args(subnets_per_step=subnets_per_step, num_random_eval=num_random_eval,
+                            bn_calib_batches=bn_calib_batches)
+        self.check_shared_hparams()
         try:
             self._choices = [resolve_phase(p, self.space) for p in self.phases]
         except ValueError as err:
@@ -186,19 +176,11 @@ class SupernetModule(L.LightningModule):
         for j in range(num_random_eval):
             self.eval_subnets[f"random_{j}"] = self.space.sample(rng)
         self.val_acc = nn.ModuleDict({k: MulticlassAccuracy(num_classes, average="micro") for k in self.eval_subnets})
-        self._teacher: list[nn.Module] = []  # a list keeps it out of state_dict / DDP
         self._phase_seen = -1
         self._eval_models: dict[str, nn.Module] = {}
 
-    # ---- memory format -------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        # Before DDP wraps the model. NHWC makes depthwise convs (the bulk of an MBConv net's
-        # time on CPU) ~3x faster to train; it is also the fast layout for mixed precision.
-        if self.hparams.channels_last:
-            self.supernet.to(memory_format=torch.channels_last)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        return to_channels_last(batch) if self.hparams.channels_last else batch
+    def trained_network(self) -> nn.Module:
+        return self.supernet
 
     # ---- phases --------------------------------------------------------------------------
     @property
@@ -216,7 +198,7 @@ class SupernetModule(L.LightningModule):
         return len(self.phases) - 1
 
     def on_fit_start(self) -> None:
-        self._place_teacher()  # a teacher restored from a checkpoint was built on the CPU
+        self.place_teacher()  # a teacher restored from a checkpoint was built on the CPU
         max_epochs = self.trainer.max_epochs
         total = self.total_phase_epochs
         if max_epochs is None or max_epochs < 0 or max_epochs == total or self.trainer.fast_dev_run:
@@ -251,25 +233,9 @@ class SupernetModule(L.LightningModule):
             # will be mixed over many subnets from here on.
             teacher = self.supernet.extract(self.space.largest())
             recalibrate_bn(teacher, calibration_batches(self.trainer, self.hparams.bn_calib_batches))
-            self._set_teacher(teacher)
+            self.set_teacher(teacher)
         self._phase_seen = idx
-        self.print(f"progressive shrinking: phase {idx} ({phase.name}) from epoch {self.current_epoch}")
-
-    def _set_teacher(self, model: nn.Module) -> None:
-        model.eval().requires_grad_(False)
-        self._teacher[:] = [model]
-        self._place_teacher()
-
-    def _place_teacher(self) -> None:
-        """Outside the module tree the teacher is not moved by Lightning: put it beside the model."""
-        if self.teacher is not None:
-            self.teacher.to(self.device)
-            if self.hparams.channels_last:
-                self.teacher.to(memory_format=torch.channels_last)
-
-    @property
-    def teacher(self) -> nn.Module | None:
-        return self._teacher[0] if self._teacher else None
+        rank_zero_info(f"progressive shrinking: phase {idx} ({phase.name}) from epoch {self.current_epoch}")
 
     # ---- training ------------------------------------------------------------------------
     def step_rng(self, j: int = 0) -> np.random.Generator:
@@ -280,37 +246,19 @@ class SupernetModule(L.LightningModule):
         choices = self._choices[self.phase_index()]
         return sample_from(choices, self.space, self.step_rng(j))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.supernet(x)
-
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
         idx = self.phase_index()
-        teacher_logits = None
-        if self.teacher is not None and self._choices[idx].elastic:
-            with torch.no_grad():
-                teacher_logits = self.teacher(x)
-        n = self.hparams.subnets_per_step if self._choices[idx].elastic else 1
+        elastic = self._choices[idx].elastic
+        teacher_logits = self.teacher_logits(x) if elastic else None  # the full network needs no teacher
+        n = self.hparams.subnets_per_step if elastic else 1
         total = 0.0
         for j in range(n):
             self.supernet.set_active(self.sample_training_subnet(j))
-            logits = self.supernet(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-            if teacher_logits is not None:
-                loss = loss + self.hparams.kd_ratio * distillation_loss(
-                    logits, teacher_logits, self.hparams.kd_temperature
-                )
-            total = total + loss / n
+            total = total + self.distilled_loss(self.supernet(x), y, teacher_logits) / n
         self.log("train/loss", total, prog_bar=True)
         self.log("train/phase", float(idx))
         return total
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        h = self.hparams
-        return configure_sgd_cosine(self, self.supernet, h.optimizer, h.lr, h.weight_decay, h.momentum, h.warmup_epochs)
-
-    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
-        scheduler.step_update(num_updates=self.global_step)
 
     # ---- validation: largest, smallest and fixed random subnets, BN re-calibrated ----------
     def on_validation_epoch_start(self) -> None:
@@ -349,31 +297,11 @@ class SupernetModule(L.LightningModule):
         self._phase_seen = int(checkpoint.get("apq_phase_seen", -1))
         teacher = checkpoint.get("apq_teacher")
         if teacher is not None:
-            from apq_lightning.layers import SubnetModel
-
             model = SubnetModel(Subnet.from_dict(teacher["subnet"]), self.hparams.num_classes)
             model.load_state_dict(teacher["state_dict"])
-            self._set_teacher(model)
+            self.set_teacher(model)
 
 
-def load_supernet(path: str, map_location: str | torch.device = "cpu") -> Supernet:
-    """The supernet of a stage-1 checkpoint (``.ckpt`` from this module), loaded safely.
 
-    Any file that is not one (truncated, empty, text, a bare tensor, pickled code, another
-    module's checkpoint) is a one-line ``ValueError`` naming it (``FileNotFoundError`` when
-    missing).
-    """
-    ckpt = read_torch_file(path, "checkpoint", map_location=map_location)
-    h = ckpt.get("hyper_parameters")
-    hparams_ok = isinstance(h, dict) and {"space", "num_classes"} <= set(h)
-    if not isinstance(ckpt.get("state_dict"), dict) or not hparams_ok:
-        raise ValueError(f"{path}: not a SupernetModule checkpoint (needs 'state_dict' and hyper_parameters "
-                         f"'space' and 'num_classes')")
-    prefix = "supernet."
-    try:
-        net = Supernet(h["space"], h["num_classes"], h.get("dropout", 0.0))
-        net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
-    except (ValueError, TypeError, RuntimeError) as err:
-        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{path}: damaged SupernetModule checkpoint ({detail})") from None
-    return net
+__all__ = ["Phase", "PhaseChoices", "SupernetModule", "default_phases", "load_supernet", "resolve_phase",
+           "sample_from"]

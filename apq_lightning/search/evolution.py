@@ -8,9 +8,10 @@ and then repaired towards their first parent, so no inadmissible subnet is ever 
 kept. Parents are elitist and de-duplicated, so the final parents are the best distinct
 subnets ever scored. Deterministic for a seed (one numpy ``Generator``; stable sorts).
 
-Differences from the APQ reference implementation, on purpose: it scores only the first 50 of
-its 100 children each generation, and its predictor sees every candidate at 8 bits; here all
-100 are scored with their real bits.
+Differences from the APQ reference implementation, on purpose: only the first 50 of its 100
+children compete each generation (the crossover children are predicted and dropped), and its
+predictor sees every candidate at 8 bits; here all 100 are scored with their real bits and
+compete.
 """
 
 from __future__ import annotations
