@@ -19,7 +19,7 @@ import torch
 from apq_lightning.cli import main as cli_main
 from apq_lightning.hardware import load_table
 from apq_lightning.modules import SupernetModule, load_supernet
-from apq_lightning.quant.policy import load_quantized
+from apq_lightning.quant.export import load_quantized
 from apq_lightning.space import Subnet, get_space, make_divisible
 
 ROOT = Path(__file__).resolve().parents[1]

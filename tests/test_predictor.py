@@ -206,6 +206,8 @@ def test_load_and_transfer_from_a_lightning_checkpoint_layout(tmp_path):
 def test_load_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="not found"):
         AccuracyPredictor.load(tmp_path / "missing.pt")
+    with pytest.raises(FileNotFoundError, match="missing.pt not found"):
+        AccuracyPredictor.from_apq_checkpoint(tmp_path / "missing.pt")
     (tmp_path / "text.pt").write_text("hello, I am not a checkpoint\n")
     (tmp_path / "empty.pt").write_bytes(b"")
     for name in ("text.pt", "empty.pt"):

@@ -29,7 +29,7 @@ from apq_lightning.quant import (
     save_quantized,
 )
 from apq_lightning.quant.ranges import kl_thresholds
-from apq_lightning.quant.policy import dequantize_supernet, supernet_quant_disabled
+from apq_lightning.quant.supernet import dequantize_supernet, supernet_quant_disabled
 from apq_lightning.space import Subnet, get_space, save_subnets
 from apq_lightning.supernet import Supernet, recalibrate_bn
 
@@ -315,16 +315,18 @@ def test_qat_module_checkpoint_and_export(tmp_path):
     assert "fp/acc" in loaded.metadata["metrics"]
 
 
-def _recipe_args(recipe: str, tmp_path: Path, extra: list[str]) -> list[str]:
+def _recipe_args(recipe: str, run_dir: Path, extra: list[str]) -> list[str]:
     return ["fit", "--config", str(ROOT / "recipes" / recipe), "--trainer.fast_dev_run", "1",
-            "--trainer.default_root_dir", str(tmp_path), *extra]
+            "--trainer.default_root_dir", str(run_dir), *extra]
 
 
 def test_recipe_finetune_tiny_fast_dev_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.warns(UserWarning, match="RANDOMLY INITIALISED"):
-        assert cli_main(_recipe_args("finetune_tiny.yaml", tmp_path, [])) == 0
-    assert load_quantized(tmp_path / "runs/finetune_tiny/quantized.pt").subnet.bits is not None
+        assert cli_main(_recipe_args("finetune_tiny.yaml", tmp_path / "run", [])) == 0
+    # the exported model follows trainer.default_root_dir, like every other output
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    assert load_quantized(tmp_path / "run" / "quantized.pt").subnet.bits is not None
 
 
 @pytest.mark.parametrize("recipe", ["finetune.yaml", "finetune_short.yaml"])
@@ -342,6 +344,6 @@ def test_recipe_finetune_cifar_fast_dev_run(recipe, tmp_path, monkeypatch):
     args = ["--model.subnet", "subnet.json", "--model.supernet_ckpt", str(ckpt),
             "--data.dataset", "digits", "--data.image_size", "32", "--data.num_workers", "0",
             "--data.batch_size", "16"]
-    assert cli_main(_recipe_args(recipe, tmp_path, args)) == 0
-    out = "finetune" if recipe == "finetune.yaml" else "finetune_short"
-    assert load_quantized(tmp_path / f"runs/{out}/quantized.pt").subnet == subnet
+    assert cli_main(_recipe_args(recipe, tmp_path / "run", args)) == 0
+    assert not (tmp_path / "runs").exists()
+    assert load_quantized(tmp_path / "run" / "quantized.pt").subnet == subnet

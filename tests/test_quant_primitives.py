@@ -29,7 +29,6 @@ from apq_lightning.quant import (
 )
 from apq_lightning.quant.ranges import _kl_grid
 
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 

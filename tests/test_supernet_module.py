@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from apq_lightning.cli import main as cli_main
 from apq_lightning.callbacks import ValidationCurves
+from apq_lightning.cli import main as cli_main
 from apq_lightning.data import ImageDataModule
 from apq_lightning.modules import Phase, SupernetModule, load_supernet
 from apq_lightning.modules.supernet_module import resolve_phase
@@ -101,6 +101,23 @@ def _recipe_args(recipe: str, tmp_path: Path, extra: list[str]) -> list[str]:
 def test_recipe_tiny_fast_dev_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert cli_main(_recipe_args("supernet_tiny.yaml", tmp_path, [])) == 0
+
+
+def test_recipe_outputs_follow_default_root_dir(tmp_path, monkeypatch):
+    """Every output of a run (CSV and W&B logs, checkpoints, summary, curves) derives from
+    ``trainer.default_root_dir``: overriding it on the command line moves all of them."""
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "elsewhere"
+    args = ["fit", "--config", str(ROOT / "recipes" / "supernet_tiny.yaml"), "--trainer.default_root_dir", str(run),
+            "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--model.init_args.phases", "[{name: full, epochs: 1}]",
+            "--model.init_args.bn_calib_batches", "1", "--model.init_args.num_random_eval", "0"]
+    assert cli_main(args) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["elsewhere"]  # nothing under ./runs
+    files = {p.relative_to(run).as_posix() for p in run.rglob("*") if p.is_file()}
+    for expected in ("checkpoints/last.ckpt", "summary.json", "validation_curves.png", "csv/version_0/metrics.csv"):
+        assert expected in files, sorted(files)
+    assert any(f.startswith("wandb/") for f in files)
 
 
 def test_recipe_cifar_fast_dev_run(tmp_path, monkeypatch, cifar_archive):
@@ -220,7 +237,8 @@ def _short_tiny_recipe(tmp_path: Path) -> Path:
     """The tiny recipe with three one-epoch phases (full, kernel, depth)."""
     text = (ROOT / "recipes" / "supernet_tiny.yaml").read_text()
     start, end = text.index("    phases:\n"), text.index("    subnets_per_step:")
-    short = "    phases:\n      - {name: full, epochs: 1}\n      - {name: kernel, epochs: 1}\n      - {name: depth, epochs: 1}\n"
+    short = ("    phases:\n      - {name: full, epochs: 1}\n      - {name: kernel, epochs: 1}\n"
+             "      - {name: depth, epochs: 1}\n")
     path = tmp_path / "short_tiny.yaml"
     path.write_text(text[:start] + short + text[end:])
     return path

@@ -112,10 +112,6 @@ class CostTable:
         """A float table (every key ``-W32A32``) prices every layer the same whatever its bits."""
         return self.bit_pairs == {(FLOAT_BITS, FLOAT_BITS)}
 
-    @property
-    def has_energy(self) -> bool:
-        return any(not math.isnan(c.energy) for c in self.entries.values())
-
     # ---- (de)serialisation ------------------------------------------------------------
     @classmethod
     def from_dict(cls, data: Any, name: str = "<table>") -> CostTable:

@@ -75,10 +75,14 @@ def build_cost(hardware: str, space: str, settings: SearchSettings) -> FastCost:
 
 
 def prepare(predictor: Any, hardware: str, budgets: Sequence[Budget], settings: SearchSettings,
-            space: str | None = None, cost: FastCost | None = None) -> list[SearchProblem]:
+            space: str | None = None, cost: FastCost | None = None,
+            fixed: Sequence[tuple[int, int]] = ()) -> list[SearchProblem]:
     """One validated problem per search to run (one per budget; one for Pareto mode).
 
-    ``cost`` reuses tables from :func:`build_cost` (they must be for ``hardware`` and the space)."""
+    ``cost`` reuses tables from :func:`build_cost` (they must be for ``hardware`` and the space).
+    ``fixed`` holds genes at given choice indices, ``(gene, index)`` pairs (``GeneSpec.fixed``):
+    restricted searches such as the sequential baseline's width-only or bits-only stages run the
+    same evolution with the other genes held (``apq_lightning.search.baselines.hold``)."""
     if not budgets:
         raise ValueError("give at least one budget, e.g. latency_ms=8.4")
     own = getattr(predictor, "space", None)
@@ -90,11 +94,12 @@ def prepare(predictor: Any, hardware: str, budgets: Sequence[Budget], settings: 
     if cost is None or cost.space.name != sp.name:
         cost = build_cost(hardware, sp.name, settings)
     bits = resolve_bits(settings.bits, bool(getattr(scorer, "quantized", True)))
+    fixed = tuple((int(g), int(v)) for g, v in fixed)
     if settings.mode == "pareto":
         for b in budgets:  # every budget must be reachable on its own
-            SearchProblem.build(scorer, cost, b, bits)
-        return [SearchProblem.build(scorer, cost, envelope(budgets), bits)]
-    return [SearchProblem.build(scorer, cost, b, bits) for b in budgets]
+            SearchProblem.build(scorer, cost, b, bits, fixed)
+        return [SearchProblem.build(scorer, cost, envelope(budgets), bits, fixed)]
+    return [SearchProblem.build(scorer, cost, b, bits, fixed) for b in budgets]
 
 
 def run(problems: Sequence[SearchProblem], settings: SearchSettings, budgets: Sequence[Budget],
