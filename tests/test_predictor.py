@@ -607,8 +607,9 @@ def test_module_refuses_mismatched_data_and_bad_arguments(tmp_path):
         PredictorModule(space="tiny", quantized=False, transfer_from="x.pt")
     with pytest.raises(ValueError, match="loss='l1'"):
         PredictorModule(space="tiny", loss="l1")
-    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
-        PredictorModule(space="tiny", quantized=True, transfer_from=str(tmp_path / "nope.ckpt"))
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):  # before any training step
+        _trainer(tmp_path, 1).fit(PredictorModule(space="tiny", quantized=True, hidden=8,
+                                                  transfer_from=str(tmp_path / "nope.ckpt")), dm)
 
 
 def test_scatter_writes_png_and_json(tmp_path):
@@ -667,5 +668,6 @@ def test_recipe_chain_fp_then_mp_from_the_lightning_checkpoint(tmp_path, monkeyp
     assert mp.predict(get_space("tiny").sample_genomes(0, 5)).shape == (5,)
     summary = json.loads((tmp_path / "runs" / "predictor_mp_tiny" / "summary.json").read_text())
     assert "val/pairwise_acc" in summary["metrics"]
-    reloaded = PredictorModule.load_from_checkpoint(mp_ckpt, transfer_from=None, weights_only=True)
+    fp_ckpt.unlink()  # a finished MP module loads without its FP source
+    reloaded = PredictorModule.load_from_checkpoint(mp_ckpt, weights_only=True)
     torch.testing.assert_close(reloaded.predictor.state_dict(), mp.state_dict())

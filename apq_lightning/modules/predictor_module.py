@@ -72,7 +72,9 @@ class PredictorModule(L.LightningModule):
             (set in ``setup`` unless the predictor is transferred or the run resumes).
         transfer_from: FP predictor to start an MP predictor from (a ``.pt`` from
             :meth:`AccuracyPredictor.save` or a ``PredictorModule`` Lightning checkpoint); its
-            weights are copied at construction, ``quantize_fc`` starts at zero.
+            weights are copied when fitting starts (``setup``, before Lightning restores a
+            resumed run), ``quantize_fc`` starts at zero. Loading a finished module from its
+            checkpoint never reads this file again.
     """
 
     def __init__(
@@ -99,9 +101,7 @@ class PredictorModule(L.LightningModule):
             raise ValueError("transfer_from starts an MP predictor: set quantized=true (or transfer_from=null)")
         self.save_hyperparameters()
         self.predictor = AccuracyPredictor(space, quantized, hidden, num_layers, base_acc or 0.0)
-        if transfer_from is not None:
-            self.predictor.transfer_from(transfer_from)
-            rank_zero_info(f"MP predictor starts from the FP predictor {transfer_from} (quantize_fc = 0)")
+        self._transfer_pending = transfer_from is not None
         self._bias_fixed = base_acc is not None or transfer_from is not None
         self.val_metrics = _metrics("val/")
         self.test_metrics = _metrics("test/")
@@ -111,6 +111,10 @@ class PredictorModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         self._check_data(dm)
         # A resumed run needs no check here: Lightning restores the checkpoint after ``setup``.
+        if stage == "fit" and self._transfer_pending:
+            self.predictor.transfer_from(self.hparams.transfer_from)
+            self._transfer_pending = False
+            rank_zero_info(f"MP predictor starts from the FP predictor {self.hparams.transfer_from} (quantize_fc = 0)")
         if stage != "fit" or self._bias_fixed:
             return
         mean = getattr(dm, "train_mean", None)
