@@ -77,6 +77,8 @@ COMMANDS: dict[str, str] = {
     "cost": "latency, energy, BitOps and size of subnets on a hardware cost model",
     "lut": "measure a latency lookup table of a space on this machine (lut build)",
     "search": "search subnets under hardware budgets with an accuracy predictor",
+    "final": "finetune a searched subnet, test it, export it (+ ONNX) and report it (stage 7)",
+    "baselines": "fixed-precision, sequential and random-search baselines under the same budget",
 }
 """Every command of ``apq``, with its one-line description (the help lists them in this order)."""
 
@@ -87,7 +89,8 @@ PIPELINE: tuple[tuple[str, str], ...] = (
     ("4 MP samples: quantize + short QAT", "predict --config recipes/collect_mp{_tiny,}.yaml"),
     ("5 MP predictor, transfer from stage 3", "fit --config recipes/predictor_mp{_tiny,}.yaml"),
     ("6 search under hardware budgets", "search --predictor CKPT --constraint latency_ms=V"),
-    ("7 QAT finetune of the winner", "fit --config recipes/finetune{_tiny,}.yaml --model.subnet S"),
+    ("7 final model of the winner + report", "final --search RESULT --supernet CKPT --recipe recipes/finetune.yaml"),
+    ("  baselines of the paper's claims", "baselines --fp-predictor FP --mp-predictor MP --constraint latency_ms=V"),
 )
 """Which command and recipe runs each stage of APQ (DESIGN.md §1)."""
 
@@ -128,6 +131,10 @@ def main(argv: list[str] | None = None) -> int:
 
         search_main = getattr(search_command, "search_main", None) or search_command.main
         return search_main(args[1:])
+    if command in ("final", "baselines"):
+        from apq_lightning.final import command as final_command
+
+        return (final_command.final_main if command == "final" else final_command.baselines_main)(args[1:])
     if command not in LIGHTNING_COMMANDS and not command.startswith("-"):
         print(f"apq: unknown command {command!r}; commands: {', '.join(COMMANDS)} (see apq --help)", file=sys.stderr)
         return 2

@@ -170,7 +170,7 @@ def report_mp(rows: list[dict[str, float]], cfg: dict[str, Any], threads: int) -
               f"{r['calib_s']:7.2f} {r['qat_s']:7.2f} {r['eval_s']:7.2f} {r['pure_wall']:7.3f} {r['wall'] / r['pure_wall']:6.1f}")
     w = mean(rows, "wall")
     print(f"MP: {w:.2f} s/sample wall, {mean(rows, 'cpu'):.2f} CPU-s (≈ {mean(rows, 'cpu') / threads:.1f} s wall on "
-          f"{threads} idle cores; goal <= 30 s); shares: BN {mean(rows, 'bn_s') / w:.0%}, calibration "
+          f"{threads} idle core(s); goal <= 30 s); shares: BN {mean(rows, 'bn_s') / w:.0%}, calibration "
           f"{mean(rows, 'calib_s') / w:.0%}, QAT {mean(rows, 'qat_s') / w:.0%}, eval {mean(rows, 'eval_s') / w:.0%}; "
           f"sample / pure inference = {sum(r['wall'] for r in rows) / sum(r['pure_wall'] for r in rows):.1f}")
 

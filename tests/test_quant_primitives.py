@@ -101,6 +101,83 @@ def test_straight_through_gradient(signed: bool) -> None:
     assert torch.equal(x.grad[outside], torch.zeros(int(outside.sum())))
 
 
+def _aten_fq(x: torch.Tensor, v: float, bits: int, signed: bool) -> torch.Tensor:
+    qmin, qmax = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    s = torch.tensor([v], dtype=torch.float32) / qmax
+    return torch.fake_quantize_per_tensor_affine(x, s, torch.zeros(1, dtype=torch.int32), qmin, qmax)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("signed", [True, False])
+def test_cpu_fast_path_is_pytorchs_op_bit_for_bit(bits: int, signed: bool) -> None:
+    """The vectorised CPU path (LinearQuantizer.fast_cpu) returns torch.fake_quantize_per_tensor_affine's
+    values bit for bit (signed zeros included) and its gradients (up to the sign of a zero gradient):
+    exact ties, one to four ulps either side of every tie and range edge, out-of-range and
+    non-finite inputs, a flat odd-length tensor and a channels_last one."""
+    g = torch.Generator().manual_seed(bits * 2 + signed)
+    qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+    qmin = -qmax if signed else 0
+    inf = torch.tensor(float("inf"))
+    for v in (1e-8, 3e-3, 0.37, 1.0, 5.9, 6.0, 1e4):
+        s = float(torch.tensor(v, dtype=torch.float32).clamp_min(1e-8) / qmax)
+        k = torch.arange(qmin - 3, qmax + 4, dtype=torch.float32)
+        up = down = torch.cat([(k + 0.5) * s, (k - 0.5) * s, k * s])  # ties, levels
+        pts = [up]
+        for _ in range(4):
+            up, down = torch.nextafter(up, inf), torch.nextafter(down, -inf)
+            pts += [up, down]
+        special = torch.tensor([0.0, -0.0, 1e30, -1e30, float("inf"), float("-inf"), 3e38, -3e38])
+        x = torch.cat([*pts, torch.randn(3001, generator=g) * v, special])
+        x = x[torch.randperm(x.numel(), generator=g)]
+        n = x.numel() // 15 * 15
+        for inp in (x, x[:n].reshape(1, 5, 3, -1).contiguous(memory_format=torch.channels_last)):
+            q_fast, q_op = LinearQuantizer(bits, signed), LinearQuantizer(bits, signed)
+            q_op.fast_cpu = False
+            q_fast.set_range(v)
+            q_op.set_range(v)
+            xa, xb = inp.clone().requires_grad_(), inp.clone().requires_grad_()
+            a, b = q_op(xa), q_fast(xb)
+            assert a.grad_fn is not None and "FakeQuantize" in type(a.grad_fn).__name__  # PyTorch's op
+            assert torch.equal(a, _aten_fq(inp, v, bits, signed))
+            assert torch.equal(a.detach().view(torch.int32), b.detach().view(torch.int32)), (v, inp.shape)
+            assert a.stride() == b.stride()
+            grad = torch.randn(a.shape, generator=g)
+            a.backward(grad)
+            b.backward(grad)
+            assert torch.equal(xa.grad, xb.grad), (v, inp.shape)
+            with torch.no_grad():  # no autograd node: same values
+                assert torch.equal(q_fast(inp), a.detach())
+
+
+def test_quantizer_never_serves_a_stale_range() -> None:
+    """Scale, zero point and STE window are cached per quantizer; every way of changing the
+    range, the bits, the signedness, the dtype or the checkpoint must reach forward()."""
+    x = torch.randn(4, 8, 5, 5) * 2
+    q = LinearQuantizer(4, True)
+    q.set_range(1.0)
+    assert torch.equal(q(x), _aten_fq(x, 1.0, 4, True))
+    q.set_range(0.5)
+    assert torch.equal(q(x), _aten_fq(x, 0.5, 4, True))
+    with torch.no_grad():
+        q.v.fill_(2.0)  # in place, behind the quantizer's back
+    assert torch.equal(q(x), _aten_fq(x, 2.0, 4, True))
+    other = LinearQuantizer(4, True)
+    other.set_range(0.3)
+    q.load_state_dict(other.state_dict())
+    assert torch.equal(q(x), _aten_fq(x, 0.3, 4, True))
+    q.signed = False
+    assert torch.equal(q(x), _aten_fq(x, 0.3, 4, False))
+    q.bits = 6
+    assert torch.equal(q(x), _aten_fq(x, 0.3, 6, False))
+    q.double()  # a new v tensor; float64 input goes through PyTorch's op
+    assert torch.equal(q(x.double()), _aten_fq(x.double(), 0.3, 6, False))
+    q.reset()
+    assert torch.equal(q(x.double()), x.double())  # uncalibrated: identity
+    clone = copy.deepcopy(q)
+    clone.set_range(0.7)
+    assert torch.equal(clone(x.double()), _aten_fq(x.double(), 0.7, 6, False))
+
+
 # ----------------------------------------------------------------------------- KL calibration
 def _kl_naive(hist: torch.Tensor, qmax: int, cands: list[int]) -> list[float]:
     """Direct transcription of the TensorRT procedure, one candidate and one level at a time."""

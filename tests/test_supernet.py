@@ -181,3 +181,49 @@ def test_set_active_rejects_other_space():
     net = Supernet("tiny", 10)
     with pytest.raises(ValueError, match="belongs to space 'apq_cifar'"):
         net.set_active(get_space("apq_cifar").largest())
+
+
+@pytest.mark.parametrize("name", ["tiny", "apq_cifar"])
+def test_networks_are_the_layout(name):
+    """The torch networks are what :mod:`apq_lightning.layout` describes: every fixed layer and
+    every block conv exists under its name (in the extracted model and in the supernet), with the
+    layout's geometry, BN / ReLU6 / bias, and the policy's bits reach the convs it names."""
+    from apq_lightning.layout import BLOCK_CONVS, FIXED_LAYERS, ConvShape, block_policy
+
+    sp = get_space(name)
+    subnet = sp.sample(np.random.default_rng(1), quantized=True)
+    net = Supernet(name, 7)
+    model = net.extract(subnet)
+    sizes: dict[str, int] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, i, n=n: sizes.update({n: i[0].shape[-1]}))
+             for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    model.eval()(torch.zeros(1, 3, sp.image_size, sp.image_size))
+    for h in hooks:
+        h.remove()
+
+    def shape_of(module: nn.Module, size: int) -> ConvShape:
+        if isinstance(module, nn.Linear):
+            return ConvShape(module.in_features, module.out_features, 1, 1, 1, 0, 1)
+        return ConvShape(module.in_channels, module.out_channels, size, module.kernel_size[0], module.stride[0],
+                         module.padding[0], module.groups)
+
+    modules = dict(model.named_modules())
+    for spec in FIXED_LAYERS:
+        layer = modules[spec.name]
+        assert shape_of(layer, sizes[spec.name]) == spec.shape(sp, 7), spec.name
+        assert (layer.bias is not None) == spec.bias
+        assert isinstance(dict(net.named_modules())[spec.name], type(layer))
+        if spec.bn:
+            unit = modules[spec.name.rsplit(".", 1)[0]]
+            assert isinstance(unit.bn, nn.BatchNorm2d) and hasattr(unit, "act") == spec.act, spec.name
+    for j, i in enumerate(subnet.active_blocks):
+        policy = block_policy(subnet.bits.block(i))
+        with net.activated(subnet):
+            dyn = net.blocks[i]
+            for spec, shape in zip(BLOCK_CONVS, [c.shape(sp.blocks[i], subnet.kernels[i], subnet.widths[i])
+                                                 for c in BLOCK_CONVS]):
+                name_ = f"blocks.{j}.{spec.name}"
+                assert shape_of(modules[name_], sizes[name_]) == shape, name_
+                unit = modules[name_.rsplit(".", 1)[0]]  # conv -> BN (-> ReLU6)
+                assert isinstance(unit.bn, nn.BatchNorm2d) and hasattr(unit, "act") == spec.act
+                assert getattr(dyn, spec.supernet_attr).active_bits == spec.layer_bits(policy)

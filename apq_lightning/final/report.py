@@ -25,7 +25,7 @@ FINAL_COLUMNS: tuple[str, ...] = (
 _SCALE = {"bitops": (1e9, "GBitOps"), "size_bytes": (1e6, "size MB")}
 _DIGITS = {"top1": 4, "predicted_acc": 4, "prediction_error": 4, "achieved_acc": 4, "fp_acc": 4, "ptq_acc": 4,
            "val_acc": 4, "latency_ms": 4, "energy_mJ": 4, "bitops": 3, "size_bytes": 3, "GBitOps": 3,
-           "size_MB": 3, "search_wall_time_s": 1, "finetune_wall_time_s": 1}
+           "size_MB": 3, "search_wall_time_s": 3, "finetune_wall_time_s": 1}
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -58,7 +58,7 @@ def format_cell(column: str, value: Any) -> str:
     scale = _SCALE.get(column)
     if scale is not None and isinstance(value, (int, float)):
         value = value / scale[0]
-    if isinstance(value, float) or (scale is not None and isinstance(value, (int, float))):
+    if isinstance(value, float):
         digits = _DIGITS.get(column, 4)
         return f"{value:.{digits}f}" if abs(value) >= 10 ** -digits or value == 0 else f"{value:.2e}"
     return str(value).replace("|", "\\|")

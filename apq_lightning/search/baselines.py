@@ -90,6 +90,7 @@ class BaselineRow:
     predictor_calls: int = 0
     search_wall_time_s: float = 0.0
     error: str | None = None  # why the method has no subnet (e.g. 8 bits cannot meet the budget)
+    note: str | None = None  # e.g. why the hardware cannot run the subnet
     stages: list[dict[str, Any]] = field(default_factory=list)  # sequential: each stage's answer
     achieved_acc: float | None = None  # top-1 on the test split after the final finetune (when asked)
     final_run: str | None = None
@@ -98,7 +99,7 @@ class BaselineRow:
         out: dict[str, Any] = {"method": self.method,
                                "subnet": None if self.subnet is None else self.subnet.to_dict()}
         for k in ("predicted_acc", "search_score", *COST_METRICS, "feasible", "within_budget", "predictor_calls",
-                  "search_wall_time_s", "achieved_acc", "final_run", "error"):
+                  "search_wall_time_s", "achieved_acc", "final_run", "error", "note"):
             v = getattr(self, k)
             out[k] = None if isinstance(v, float) and not math.isfinite(v) else v
         if self.stages:
@@ -169,6 +170,9 @@ class Baselines:
         row.bitops, row.size_bytes = int(c["bitops"][0]), float(c["size_bytes"][0])
         row.feasible = bool(c["feasible"][0])
         row.within_budget = bool(self.settings.budget.admissible(c)[0])
+        if not row.feasible:
+            reason = self.cost.model.costs(row.subnet).get("reason")
+            row.note = f"{self.settings.hardware} cannot run it" + (f": {reason}" if reason else "")
         return row
 
     def _searched(self, method: str, result: SearchResult) -> BaselineRow:
@@ -193,7 +197,7 @@ class Baselines:
         try:
             return self._searched(method, self.search(self.fp, bits))
         except BudgetError as err:
-            return self._failed(method, err)
+            return self._failed(method, BudgetError(f"at uniform {bits} bits: {err}"))
 
     def sequential(self) -> BaselineRow:
         """Architecture, then widths, then bits; each stage holds what the previous decided."""
@@ -205,7 +209,7 @@ class Baselines:
                                fixed=hold(self.space, width.best.subnet, ("depths", "kernels", "widths")))
         except BudgetError as err:
             return self._failed("sequential", err)
-        stages = [("architecture", arch, ["widths (level %g)" % level], "fp"),
+        stages = [("architecture", arch, ["widths"], "fp"),
                   ("width", width, ["depths", "kernels"], "fp"),
                   ("bits", bits, ["depths", "kernels", "widths"], "mp")]
         row = BaselineRow("sequential", bits.best.subnet, search_score=bits.best.predicted_acc,
@@ -215,6 +219,7 @@ class Baselines:
             row.stages.append({"stage": name, "predictor": predictor, "held": held,
                                "bits": r.settings.get("bits"), **r.best.to_dict(),
                                "predictor_calls": r.scored, "wall_time_s": r.wall_time_s})
+        row.stages[0]["width_level"] = level
         return row
 
     def _architecture_stage(self, bits: int) -> tuple[SearchResult, float]:
@@ -273,7 +278,7 @@ def table_rows(rows: Sequence[BaselineRow]) -> list[dict[str, Any]]:
             "size_MB": None if r.size_bytes is None else r.size_bytes / 1e6,
             "within_budget": d["within_budget"],
             "predictor_calls": r.predictor_calls or None,
-            "note": r.error or "",
+            "note": r.error or r.note or "",
         })
     return out
 
