@@ -2,8 +2,13 @@
 
 1. QAT step ÷ full-precision step: the same extracted subnet, once float and once quantized
    (``quantize_subnet``, KL-calibrated), a full SGD step each (forward, cross-entropy, backward,
-   optimizer step), batch 128, NHWC as in training; steps of the two models alternate so that
-   machine noise hits both alike; medians. Goal <= 1.6.
+   optimizer step), batch 128, NHWC as in training. A third model, the same quantized subnet
+   with ``LinearQuantizer.fast_cpu = False`` (PyTorch's ``fake_quantize_per_tensor_affine`` CPU
+   kernel for every tensor, the implementation before the fast path), is timed alongside
+   (``--no-op-baseline`` drops it). Steps of the models interleave, in alternating order, so
+   that machine noise hits all alike; medians of wall-clock time, and of process CPU time
+   (user + system: on a shared, loaded machine it leaves out the time the process waited for a
+   core). Goal: QAT / float <= 1.3.
 2. Calibration of a whole subnet on 512 images (4 batches of 128, already in memory):
    ``calibrate`` = observing forward passes + KL range search of every layer + weight ranges.
    Goal < 1 s on CPU. Printed beside the plain float forward over the same images.
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import resource
 import statistics
 import time
 
@@ -25,23 +31,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from apq_lightning.quant import calibrate, named_policy, quantize_subnet
+from apq_lightning.quant import LinearQuantizer, calibrate, named_policy, quantize_subnet
 from apq_lightning.space import get_space
 from apq_lightning.supernet import Supernet
 
 CL = torch.channels_last
 
 
+GOAL = 1.3
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):  # noqa: ANN201
+    """One SGD step of ``model``; returns (wall seconds, process CPU seconds)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     model.train()
 
-    def step() -> float:
-        t = time.perf_counter()
+    def step() -> tuple[float, float]:
+        c, t = _cpu_seconds(), time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
-        return time.perf_counter() - t
+        return time.perf_counter() - t, _cpu_seconds() - c
 
     return step
 
@@ -56,13 +71,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calib-images", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3, help="calibration repeats (median)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--op-baseline", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the QAT model on PyTorch's fake-quant op (fast_cpu=False)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
     sp = get_space(args.space)
     rng = np.random.default_rng(args.seed)
     arch = {"largest": sp.largest(), "smallest": sp.smallest()}.get(args.subnet) or sp.sample(rng)
-    subnet = arch.with_bits(sp.sample(rng, quantized=True).bits if args.policy == "random" else named_policy(sp, args.policy))
+    bits = sp.sample(rng, quantized=True).bits if args.policy == "random" else named_policy(sp, args.policy)
+    subnet = arch.with_bits(bits)
     net = Supernet(sp, 10)
     size = sp.image_size
     x = torch.randn(args.batch, 3, size, size).contiguous(memory_format=CL)
@@ -75,16 +93,33 @@ def main(argv: list[str] | None = None) -> int:
     # ---- 1. step-time ratio ---------------------------------------------------------------
     fp = net.extract(subnet).to(memory_format=CL)
     q = quantize_subnet(net.extract(subnet).to(memory_format=CL), subnet, calib)
-    fp_step, q_step = make_step(fp, x, y), make_step(q, x, y)
-    for _ in range(2):  # warm-up: allocator, oneDNN primitives
-        fp_step(), q_step()
-    t_fp, t_q = [], []
-    for _ in range(args.steps):
-        t_fp.append(fp_step())
-        t_q.append(q_step())
-    m_fp, m_q = statistics.median(t_fp), statistics.median(t_q)
-    print(f"training step, median of {args.steps}: float {m_fp * 1e3:.1f} ms, QAT {m_q * 1e3:.1f} ms "
-          f"-> QAT/FP = {m_q / m_fp:.3f} (goal <= 1.6)")
+    models = {"float": fp, "QAT": q}
+    if args.op_baseline:
+        q_op = copy.deepcopy(q)
+        for m in q_op.modules():
+            if isinstance(m, LinearQuantizer):
+                m.fast_cpu = False
+        models["QAT, PyTorch's op"] = q_op
+    steps = {name: make_step(m, x, y) for name, m in models.items()}
+    for _ in range(2):  # warm-up: allocator, oneDNN primitives, cached quantization parameters
+        for step in steps.values():
+            step()
+    wall: dict[str, list[float]] = {name: [] for name in steps}
+    cpu: dict[str, list[float]] = {name: [] for name in steps}
+    for i in range(args.steps):
+        for name in list(steps)[:: 1 if i % 2 == 0 else -1]:
+            w, c = steps[name]()
+            wall[name].append(w)
+            cpu[name].append(c)
+    m_wall = {name: statistics.median(t) for name, t in wall.items()}
+    m_cpu = {name: statistics.median(t) for name, t in cpu.items()}
+    print(f"training step, median of {args.steps} (wall | process CPU):")
+    for name in steps:
+        print(f"  {name:18s} {m_wall[name] * 1e3:7.1f} ms | {m_cpu[name] * 1e3:7.1f} ms"
+              + ("" if name == "float" else f"  -> / float = {m_wall[name] / m_wall['float']:.3f} | "
+                 f"{m_cpu[name] / m_cpu['float']:.3f}"))
+    print(f"QAT/FP = {m_wall['QAT'] / m_wall['float']:.3f} (goal <= {GOAL}; CPU time "
+          f"{m_cpu['QAT'] / m_cpu['float']:.3f})")
 
     # ---- 2. calibration time -----------------------------------------------------------------
     base = net.extract(subnet).to(memory_format=CL).eval()

@@ -300,7 +300,10 @@ def test_baselines_bad_input_is_one_line_and_exit_2(assets, tmp_path, capsys):
     cifar = _save_supernet(Supernet("apq_cifar", 10), tmp_path / "cifar.ckpt")
     assert "'apq_cifar'" in _baselines_error(["--fp-predictor", fp, "--mp-predictor", mp, *ok, "--finetune",
                                               "--supernet", str(cifar), "--recipe", str(TINY_RECIPE)], capsys)
-    assert not (tmp_path / "bl").exists()
+    assert "unknown key" in _baselines_error(["--fp-predictor", fp, "--mp-predictor", mp, *ok, "--finetune",
+                                              "--supernet", str(assets["supernet"]), "--recipe", str(TINY_RECIPE),
+                                              "--model.nope", "1"], capsys)
+    assert not (tmp_path / "bl").exists()  # every error came before any search or finetune
 
 
 @pytest.mark.slow
@@ -317,6 +320,7 @@ def test_baselines_finetune_adds_achieved_accuracy(assets, tmp_path):
         assert 0.0 <= r["achieved_acc"] <= 1.0
         final = json.loads((Path(r["final_run"]) / "final.json").read_text())
         assert final["top1"] == r["achieved_acc"] and final["predicted_acc"] == pytest.approx(r["predicted_acc"])
+        assert final["weights"] == "best" and final["onnx"] is None
     assert "achieved_acc" in (out / "baselines.md").read_text()
     with open(out / "final" / "report.csv", newline="") as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["apq", "sequential"]

@@ -271,3 +271,21 @@ def test_last_ckpt_is_the_last_epoch_and_a_finished_rerun_changes_nothing(tmp_pa
     assert cli_main(args) == 0
     assert {p.name: digest(p) for p in ckpt_dir.iterdir()} == before
     assert summary.read_text() == summary_before
+
+
+def test_supernet_and_qat_modules_share_one_base():
+    """Both training modules take the shared arguments through one base class; their
+    constructors stay explicit and ``hparams`` holds exactly their arguments (recipes and
+    checkpoints depend on both)."""
+    import inspect
+
+    from apq_lightning.modules import QATModule
+    from apq_lightning.modules.common import SHARED_HPARAMS, DistilledTraining
+
+    for cls in (SupernetModule, QATModule):
+        assert issubclass(cls, DistilledTraining)
+        assert set(SHARED_HPARAMS) <= set(inspect.signature(cls).parameters)
+    module = SupernetModule(space="tiny", num_random_eval=0)
+    assert set(module.hparams) == set(inspect.signature(SupernetModule).parameters)
+    with pytest.raises(ValueError, match="kd_temperature must be a number"):
+        SupernetModule(space="tiny", kd_temperature=0)

@@ -72,11 +72,10 @@ def _split_recipe_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> 
     return args, rest
 
 
-def _settings(args: argparse.Namespace, out: Path, overrides: list[str], table: Path | None,
-              extra: dict[str, Any] | None = None) -> FinalSettings:
+def _settings(args: argparse.Namespace, out: Path, overrides: list[str], table: Path | None) -> FinalSettings:
     return FinalSettings(supernet=args.supernet, recipe=args.recipe, out=out, overrides=tuple(overrides),
                          weights=args.weights, hardware=args.hardware, onnx=not args.no_onnx, opset=args.opset,
-                         onnx_rtol=args.onnx_rtol, table=table, force=args.force, extra=extra or {})
+                         onnx_rtol=args.onnx_rtol, table=table, force=args.force)
 
 
 def _with_prediction(target: FinalTarget, predictor_path: str) -> FinalTarget:
@@ -111,7 +110,7 @@ def final_main(argv: Sequence[str]) -> int:
     except FinalInputError as err:
         print(f"final: {err}", file=sys.stderr)
         return 2
-    return _onnx_status(row)
+    return 0 if args.no_onnx else _onnx_status(row)
 
 
 def _onnx_status(row: dict[str, Any]) -> int:
@@ -220,7 +219,7 @@ def baselines_main(argv: Sequence[str]) -> int:
 
 def _check_finetune(args: argparse.Namespace, overrides: list[str], space: str, out: Path) -> None:
     """Everything the finetunes will need, before any search work."""
-    from apq_lightning.final.pipeline import supernet_space
+    from apq_lightning.final.pipeline import check_recipe, supernet_space
 
     if not Path(args.recipe).is_file():
         raise FinalInputError(f"recipe not found: {args.recipe}")
@@ -228,7 +227,7 @@ def _check_finetune(args: argparse.Namespace, overrides: list[str], space: str, 
     if sup_space != space:
         raise FinalInputError(f"the predictors are for space {space!r}, but the supernet checkpoint {args.supernet} is "
                               f"of space {sup_space!r}")
-    _settings(args, out, overrides, None)  # validates the recipe overrides
+    check_recipe(_settings(args, out, overrides, None))  # unknown keys and bad types, before the searches
 
 
 def _finetune_rows(rows: list[Any], args: argparse.Namespace, overrides: list[str], out: Path, budget: Any,
@@ -245,7 +244,7 @@ def _finetune_rows(rows: list[Any], args: argparse.Namespace, overrides: list[st
         run_dir = out / "final" / _safe(row.method)
         result = run_final(target, _settings(args, run_dir, overrides, out / "final" / "report"), log=log)
         row.achieved_acc, row.final_run = result.get("top1"), str(run_dir)
-        status = max(status, _onnx_status(result))
+        status = max(status, 0 if args.no_onnx else _onnx_status(result))
     return status
 
 

@@ -25,8 +25,9 @@ import argparse
 import copy
 import json
 import time
+import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -153,7 +154,6 @@ class FinalSettings:
     check_images: int = 64
     table: Path | None = None  # report stem; default OUT/../report
     force: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # copied into the report row (baselines)
 
     def __post_init__(self) -> None:
         if self.weights not in ("last", "best"):
@@ -183,9 +183,11 @@ def fingerprint(subnet: Subnet, settings: FinalSettings) -> dict[str, Any]:
 
 
 # ---- the recipe, in process ---------------------------------------------------------------------
-def build_recipe(args: Sequence[str]) -> Any:
+def build_recipe(args: Sequence[str], instantiate: bool = True) -> Any:
     """Model, datamodule and trainer of a recipe + overrides, through the project's checked
-    LightningCLI (one-line errors; AtomicCheckpointIO), without running a subcommand."""
+    LightningCLI (one-line errors; AtomicCheckpointIO), without running a subcommand.
+    ``instantiate=False`` only parses: a cheap check of the recipe values (unknown keys, types)
+    before hours of other work."""
     import lightning as L
 
     from apq_lightning.checked_cli import CheckedLightningCLI, CLIInputError, parse_error_message
@@ -195,15 +197,26 @@ def build_recipe(args: Sequence[str]) -> Any:
             parser.link_arguments("data", "model.init_args.num_classes",
                                   compute_fn=lambda dm: getattr(dm, "num_classes", None), apply_on="instantiate")
 
+        def instantiate_classes(self) -> None:
+            if instantiate:
+                super().instantiate_classes()
+
     try:
-        return _RecipeCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
-                          subclass_mode_data=True, run=False, args=list(args),
-                          parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
-                          save_config_kwargs={"overwrite": True})
+        with warnings.catch_warnings():  # args= on purpose: the recipe is built from final's own options
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+            return _RecipeCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+                              subclass_mode_data=True, run=False, args=list(args),
+                              parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
+                              save_config_kwargs={"overwrite": True})
     except CLIInputError as err:
         raise FinalInputError(str(err)) from None
     except argparse.ArgumentError as err:
         raise FinalInputError(parse_error_message(err)) from None
+
+
+def check_recipe(settings: FinalSettings) -> None:
+    """Parse the recipe with ``settings``' overrides (no model, no data): bad values fail now."""
+    build_recipe(_recipe_args(Path(settings.out) / "subnet.json", settings), instantiate=False)
 
 
 def _recipe_args(subnet_path: Path, settings: FinalSettings) -> list[str]:
@@ -229,7 +242,7 @@ def run_final(target: FinalTarget, settings: FinalSettings, log: Callable[[str],
                               "--model.policy uniform8 (the final model is quantized)")
     out = Path(settings.out)
     inputs = fingerprint(subnet, settings)
-    done = _finished(out, inputs, settings.force)
+    done = _finished(out, inputs, settings.force, settings.onnx)
     if done is not None:
         append_row(settings.table_stem, done)
         log(f"final: {out} is already done for this subnet and recipe (top-1 {done['top1']:.4f}); --force redoes it")
@@ -265,8 +278,9 @@ def run_final(target: FinalTarget, settings: FinalSettings, log: Callable[[str],
     return row
 
 
-def _finished(out: Path, inputs: dict[str, Any], force: bool) -> dict[str, Any] | None:
-    """The stored row of a finished run with these inputs; an error for a run of other inputs."""
+def _finished(out: Path, inputs: dict[str, Any], force: bool, want_onnx: bool) -> dict[str, Any] | None:
+    """The stored row of a finished run with these inputs; an error for a run of other inputs.
+    A run without its ONNX file is redone when one is wanted now (training resumes at its end)."""
     report = out / "final.json"
     if force or not report.is_file():
         return None
@@ -279,7 +293,9 @@ def _finished(out: Path, inputs: dict[str, Any], force: bool) -> dict[str, Any] 
         differ = [k for k in inputs if before.get(k) != inputs[k]]
         raise FinalInputError(f"{out} already holds a final run with another {', '.join(differ) or 'input'} (see its "
                               f"final.json); choose another --out, or pass --force to redo it there")
-    needed = [done.get("quantized")] + ([done.get("onnx")] if done.get("onnx") else [])
+    if want_onnx and not done.get("onnx"):
+        return None
+    needed = [done.get("quantized")] + ([done.get("onnx")] if want_onnx else [])
     return done if all(p and Path(p).is_file() for p in needed) else None
 
 
@@ -316,7 +332,6 @@ def _row(target: FinalTarget, settings: FinalSettings, subnet: Subnet, space: st
         "space": space, "hardware": hardware, "budget": target.budget,
         "subnet_key": subnet.key(), "subnet": subnet.to_dict(), "source": target.source,
         "supernet": str(settings.supernet), "recipe": str(settings.recipe), "run": str(settings.out),
-        **settings.extra,
     }
 
 
@@ -365,5 +380,5 @@ def _summary(row: dict[str, Any]) -> str:
             f"{row['size_bytes'] / 1e6:.3f} MB")
 
 
-__all__ = ["FinalInputError", "FinalSettings", "FinalTarget", "build_recipe", "fingerprint", "read_search",
-           "read_subnet", "resolve_subnet", "run_final", "supernet_space"]
+__all__ = ["FinalInputError", "FinalSettings", "FinalTarget", "build_recipe", "check_recipe", "fingerprint",
+           "read_search", "read_subnet", "resolve_subnet", "run_final", "supernet_space"]

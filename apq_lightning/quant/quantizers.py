@@ -131,7 +131,9 @@ class _FakeQuantizeCPU(torch.autograd.Function):
         return torch.ops.aten.hardtanh_backward(grad, x, lo, hi), None, None, None, None, None, None
 
 
-def fake_quantize_cpu(x: Tensor, scale: float, qmin: int, qmax: int, window: tuple[float, float] | None = None) -> Tensor:
+def fake_quantize_cpu(
+    x: Tensor, scale: float, qmin: int, qmax: int, window: tuple[float, float] | None = None
+) -> Tensor:
     """``torch.fake_quantize_per_tensor_affine(x, scale, 0, qmin, qmax)`` for float32 CPU tensors,
     vectorised: the same values and gradients (NaN inputs excepted: NaN out, not ``qmin * s``).
 
@@ -141,11 +143,18 @@ def fake_quantize_cpu(x: Tensor, scale: float, qmin: int, qmax: int, window: tup
     The input is saved for the backward pass (rather than a mask), so it must not be modified
     in place before ``backward`` (autograd raises if it is). Memory format is preserved.
     """
-    inv = float(np.float32(1.0) / np.float32(scale))
-    if not (torch.is_grad_enabled() and x.requires_grad):
-        return _fq_values(x, scale, inv, qmin, qmax)
     lo, hi = window if window is not None else ste_window(scale, qmin, qmax)
-    return _FakeQuantizeCPU.apply(x, scale, inv, qmin, qmax, lo, hi)
+    return _fake_quantize_cpu(x, scale, _reciprocal(scale), qmin, qmax, lo, hi)
+
+
+def _reciprocal(scale: float) -> float:
+    return float(np.float32(1.0) / np.float32(scale))  # float32 division, as the op's `1.0f / sc`
+
+
+def _fake_quantize_cpu(x: Tensor, scale: float, inv_scale: float, qmin: int, qmax: int, lo: float, hi: float) -> Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FakeQuantizeCPU.apply(x, scale, inv_scale, qmin, qmax, lo, hi)
+    return _fq_values(x, scale, inv_scale, qmin, qmax)
 
 
 @dataclass(frozen=True)
@@ -286,8 +295,9 @@ class LinearQuantizer(nn.Module):
     def _qparams(self) -> tuple[Any, ...]:
         """``(key, qmin, qmax, scale, zero_point, cpu)`` for :meth:`forward`, cached.
 
-        ``cpu`` is ``(s, lo, hi)`` -- the float32 scale as a Python float and the STE window of
-        :func:`ste_window` -- for a per-tensor quantizer whose range lives on the CPU, else None.
+        ``cpu`` is ``(s, 1/s, lo, hi)`` -- the float32 scale and its float32 reciprocal as Python
+        floats, and the STE window of :func:`ste_window` -- for a per-tensor quantizer whose range
+        lives on the CPU, else None.
         The key is the ``v`` tensor object itself, its version counter (bumped by every in-place
         write: ``set_range``, ``reset``, ``load_state_dict``, ``v.fill_(...)``), the bits and the
         signedness; replacing ``v`` (``.to(device)``, a new shape) changes the object. Reading a
@@ -305,7 +315,7 @@ class LinearQuantizer(nn.Module):
         cpu = None
         if not self.per_channel and scale.device.type == "cpu":
             s = float(scale)
-            cpu = (s, *ste_window(s, qmin, qmax))
+            cpu = (s, _reciprocal(s), *ste_window(s, qmin, qmax))
         self._qcache = (key, qmin, qmax, scale, zero_point, cpu)
         return self._qcache
 
@@ -393,7 +403,7 @@ class LinearQuantizer(nn.Module):
         else:
             _, qmin, qmax, scale, zero_point, cpu = self._qparams()
             if cpu is not None and self.fast_cpu and x.dtype == torch.float32 and x.device.type == "cpu":
-                return fake_quantize_cpu(x, cpu[0], qmin, qmax, window=cpu[1:])
+                return _fake_quantize_cpu(x, cpu[0], cpu[1], qmin, qmax, cpu[2], cpu[3])
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(x, scale, zero_point, self.ch_axis, qmin, qmax)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
