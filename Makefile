@@ -8,7 +8,7 @@ SHARED ?= ../shared
 export APQ_CIFAR_ARCHIVE ?= $(abspath $(SHARED))/data/cifar10-jpeg.tar.gz
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-fast lint demo supernet bench clean
+.PHONY: install test test-fast lint demo pipeline supernet bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,18 +29,16 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-# The pipeline so far on the tiny space and digits (offline): supernet (stage 1), then its
-# largest subnet with 4-bit weights / 8-bit activations, calibrated and finetuned with QAT
-# (stage 7), and that subnet's latency / energy / BitOps on BitFusion (fitted model).
-DEMO_SUBNET = runs/demo_subnet.json
+# All seven stages on the tiny space and scikit-learn's digits (offline, minutes): supernet,
+# FP samples, FP predictor, MP samples, MP predictor (transferred), search under two BitFusion
+# latency budgets, QAT finetune of the winners, baselines; ends with the results table.
 demo: $(STAMP)
-	$(PY) -m apq_lightning.cli fit --config recipes/supernet_tiny.yaml --ckpt_path last
-	$(PY) -c "from apq_lightning.space import get_space as g; s = g('tiny'); \
-		print(s.largest().with_bits(s.uniform_policy((4, 8, 4, 8))).to_json())" > $(DEMO_SUBNET)
-	rm -rf runs/finetune_tiny  # its recipe resumes from last.ckpt, which may hold another subnet
-	$(PY) -m apq_lightning.cli fit --config recipes/finetune_tiny.yaml --model.policy null \
-		--model.subnet $(DEMO_SUBNET) --model.supernet_ckpt runs/supernet_tiny/checkpoints/last.ckpt
-	$(PY) -m apq_lightning.cli cost --hardware bitfusion --subnet $(DEMO_SUBNET)
+	$(PY) -m apq_lightning.stages --preset tiny
+
+# The same on CIFAR-10 with apq_cifar (CPU hours; rerun to resume): make pipeline DATA=path/to/cifar10-jpeg.tar.gz
+DATA ?= $(APQ_CIFAR_ARCHIVE)
+pipeline: $(STAMP)
+	$(PY) -m apq_lightning.stages --preset cifar --data $(DATA)
 
 supernet: $(STAMP)
 	$(PY) -m apq_lightning.cli fit --config recipes/supernet_cifar.yaml --data.root $(APQ_CIFAR_ARCHIVE) --ckpt_path last

@@ -13,7 +13,7 @@
    ``calibrate`` = observing forward passes + KL range search of every layer + weight ranges.
    Goal < 1 s on CPU. Printed beside the plain float forward over the same images.
 
-    python benchmarks/qat_step.py [--subnet largest|random] [--policy uniform8] [--steps 8]
+    python benchmarks/qat_step.py [--subnet largest|random] [--policy uniform8] [--steps 12]
 
 Set OMP_NUM_THREADS to the cores you want to measure with (the thread count is printed).
 """
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subnet", default="largest", help="largest, smallest or random")
     ap.add_argument("--policy", default="uniform8", help="named policy (uniform4/6/8, w4a8, ...); random = sampled")
     ap.add_argument("--batch", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per model (after 2 warm-up steps)")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per model (after 2 warm-up steps)")
     ap.add_argument("--calib-images", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3, help="calibration repeats (median)")
     ap.add_argument("--seed", type=int, default=0)

@@ -45,3 +45,47 @@ def test_every_recipe_named_by_the_overview_exists():
         for stem, variants in re.findall(r"recipes/(\w+)(?:\{([\w,]*)\})?\.yaml", how):
             for variant in variants.split(",") if variants else [""]:
                 assert (ROOT / "recipes" / f"{stem}{variant}.yaml").is_file(), how
+
+
+def _print_config(argv: list[str], capsys) -> dict:
+    import yaml
+
+    with pytest.raises(SystemExit) as done:
+        main([*argv, "--print_config"])
+    assert done.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def _strings(node) -> list[str]:
+    if isinstance(node, dict):
+        return [s for v in node.values() for s in _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return [node] if isinstance(node, str) else []
+
+
+RUN_DIR_RECIPES = [
+    ("fit", "supernet_tiny"), ("fit", "supernet_cifar"), ("fit", "supernet_imagenet"), ("fit", "finetune"),
+    ("fit", "finetune_short"), ("fit", "finetune_tiny"), ("predict", "collect_fp_tiny"), ("predict", "collect_mp"),
+]
+
+
+@pytest.mark.parametrize(("command", "recipe"), RUN_DIR_RECIPES)
+def test_default_root_dir_moves_every_output_of_a_recipe(command, recipe, tmp_path, capsys):
+    """Loggers, checkpoint dirs, summaries, plots, exports and sample stores all derive from
+    ``trainer.default_root_dir``, so one override moves them (interpolation after the command line)."""
+    path = ROOT / "recipes" / f"{recipe}.yaml"
+    default = re.search(r"default_root_dir:\s*(\S+)", path.read_text()).group(1)
+    run = str(tmp_path / "run")
+    cfg = _print_config([command, "--config", str(path), "--trainer.default_root_dir", run], capsys)
+    values = _strings(cfg)
+    assert not [v for v in values if default in v]  # nothing left at the recipe's own run dir
+    assert len([v for v in values if v.startswith(run)]) >= 2  # default_root_dir and what derives from it
+
+
+def test_legacy_phase_epochs_interpolation_resolves_to_null(tmp_path, capsys):
+    text = (ROOT / "recipes" / "supernet_tiny.yaml").read_text()
+    text = re.sub(r"  max_epochs: null.*", "  max_epochs: ${phase_epochs:${model.init_args.phases}}", text)
+    (tmp_path / "legacy.yaml").write_text(text)
+    cfg = _print_config(["fit", "--config", str(tmp_path / "legacy.yaml")], capsys)
+    assert cfg["trainer"]["max_epochs"] is None

@@ -38,7 +38,9 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------- helpers
-def _record(index: int, kind: str = "fp", acc: float = 0.5, space: str = "tiny", h: str = "abc123", seed: int = 0) -> SampleRecord:
+def _record(
+    index: int, kind: str = "fp", acc: float = 0.5, space: str = "tiny", h: str = "abc123", seed: int = 0
+) -> SampleRecord:
     sp = get_space(space)
     if kind == "fp":
         subnet = fp_subnet(sp, seed, index)
@@ -63,22 +65,51 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.ckpt"
-    torch.save({"state_dict": {f"supernet.{k}": v for k, v in net.state_dict().items()},
-                "hyper_parameters": {"space": "tiny", "num_classes": 10, "dropout": 0.0}}, path)
+    torch.save(
+        {
+            "state_dict": {f"supernet.{k}": v for k, v in net.state_dict().items()},
+            "hyper_parameters": {"space": "tiny", "num_classes": 10, "dropout": 0.0},
+        },
+        path,
+    )
     return path
 
 
 def _cli_args(recipe: str, ckpt: Path, out: Path, n: int, *extra: str) -> list[str]:
-    return ["predict", "--config", str(ROOT / "recipes" / recipe),
-            "--model.init_args.supernet_ckpt", str(ckpt),
-            "--data.init_args.output_dir", str(out), "--data.init_args.num_samples", str(n),
-            "--trainer.default_root_dir", str(out), "--trainer.enable_progress_bar", "false",
-            "--trainer.accelerator", "cpu", *extra]
+    return [
+        "predict",
+        "--config",
+        str(ROOT / "recipes" / recipe),
+        "--model.init_args.supernet_ckpt",
+        str(ckpt),
+        "--data.init_args.output_dir",
+        str(out),
+        "--data.init_args.num_samples",
+        str(n),
+        "--trainer.default_root_dir",
+        str(out),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.accelerator",
+        "cpu",
+        *extra,
+    ]
 
 
-FAST_MP = ("--model.init_args.qat_steps", "2", "--model.init_args.qat_batch_size", "16",
-           "--model.init_args.calib_batches", "1", "--model.init_args.calib_batch_size", "64",
-           "--model.init_args.eval_images", "64", "--model.init_args.policies_per_arch", "2")
+FAST_MP = (
+    "--model.init_args.qat_steps",
+    "2",
+    "--model.init_args.qat_batch_size",
+    "16",
+    "--model.init_args.calib_batches",
+    "1",
+    "--model.init_args.calib_batch_size",
+    "64",
+    "--model.init_args.eval_images",
+    "64",
+    "--model.init_args.policies_per_arch",
+    "2",
+)
 
 
 def _collect(*args: str) -> None:
@@ -98,16 +129,32 @@ def test_store_round_trip_and_done_indices(tmp_path: Path):
     assert SampleStore(path).done_indices(kinds=["mp_random"]) == {3}
     assert read_samples(path) == recs and read_samples(tmp_path) == recs  # a file or its directory
     line = json.loads(path.read_text().splitlines()[0])
-    assert list(line) == ["key", "subnet", "acc", "index", "seed", "kind", "space", "supernet_hash", "protocol", "timing"]
+    assert list(line) == [
+        "key",
+        "subnet",
+        "acc",
+        "index",
+        "seed",
+        "kind",
+        "space",
+        "supernet_hash",
+        "protocol",
+        "timing",
+    ]
     assert "bits" not in line["subnet"] and "bits" in json.loads(path.read_text().splitlines()[3])["subnet"]
     assert recs[0].to_subnet() == fp_subnet("tiny", 0, 0)
 
 
 @pytest.mark.parametrize(
     "change, match",
-    [({"acc": 1.5}, "acc must be a number in"), ({"kind": "int8"}, "kind='int8' is not allowed"),
-     ({"index": -1}, "index must be an integer"), ({"key": "000000000000"}, "does not match its subnet"),
-     ({"space": "apq_cifar"}, "differs from the record's space"), ({"timing": {"total_s": "x"}}, "timing")],
+    [
+        ({"acc": 1.5}, "acc must be a number in"),
+        ({"kind": "int8"}, "kind='int8' is not allowed"),
+        ({"index": -1}, "index must be an integer"),
+        ({"key": "000000000000"}, "does not match its subnet"),
+        ({"space": "apq_cifar"}, "differs from the record's space"),
+        ({"timing": {"total_s": "x"}}, "timing"),
+    ],
 )
 def test_record_validation(change: dict, match: str):
     d = _record(0).to_dict() | change
@@ -177,7 +224,14 @@ def test_merge_is_deterministic_and_deduplicates(tmp_path: Path):
     assert merge_stores([b, a], tmp_path / "ba.jsonl") == 6
     assert (tmp_path / "ab.jsonl").read_bytes() == (tmp_path / "ba.jsonl").read_bytes()
     merged = read_samples(tmp_path / "ab.jsonl")
-    assert [(m.kind, m.index) for m in merged] == [("fp", 0), ("fp", 1), ("fp", 2), ("fp", 3), ("mp_random", 0), ("mp_random", 1)]
+    assert [(m.kind, m.index) for m in merged] == [
+        ("fp", 0),
+        ("fp", 1),
+        ("fp", 2),
+        ("fp", 3),
+        ("mp_random", 0),
+        ("mp_random", 1),
+    ]
     # the same measurement stored twice with different timings: one survives, whichever input came first
     c = _write(tmp_path / "c.jsonl", [SampleRecord.from_dict(r[2].to_dict() | {"timing": {"total_s": 9.0}})])
     assert merge_stores([a, b, c], tmp_path / "abc.jsonl") == 6
@@ -212,6 +266,24 @@ def test_index_to_subnet_is_a_function_of_seed_and_index():
     assert u[0] == "mp_random" and set(v for f in u[1].bits.to_dict().values() for v in f if v) == {4}
     with pytest.raises(ValueError, match="arch_policies_fraction"):
         MPSampling(arch_policies_fraction=2)
+
+
+# ------------------------------------------------------------------------------- measurement
+def test_fp_measurement_in_the_supernet_equals_the_extracted_copy(tiny_ckpt: Path):
+    from apq_lightning.collection import measure_fp
+    from apq_lightning.modules import load_supernet
+
+    net = load_supernet(str(tiny_ckpt))
+    g = torch.Generator().manual_seed(0)
+    bn = [torch.randn(32, 3, 16, 16, generator=g) for _ in range(2)]
+    ev = [(torch.randn(40, 3, 16, 16, generator=g), torch.randint(0, 10, (40,), generator=g))]
+    for i in range(3):
+        sub = fp_subnet("tiny", 0, i)
+        a = measure_fp(net, sub, bn, ev, "extract", channels_last=False)
+        b = measure_fp(net, sub, bn, ev, "inplace", channels_last=False)
+        assert abs(a.acc - b.acc) <= 1 / 40 and a.total_s >= a.bn_s + a.eval_s - 1e-6  # rounding may flip one argmax
+    with pytest.raises(ValueError, match="takes a float subnet"):
+        measure_fp(net, sub.with_bits(8), bn, ev)
 
 
 # ------------------------------------------------------------------------------- collection
@@ -313,9 +385,12 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(tiny_ckpt: Path, tmp_pat
 @pytest.mark.slow
 def test_ddp_two_processes_shard_without_overlap(tiny_ckpt: Path, tmp_path: Path):
     out, n = tmp_path / "ddp", 7
-    cmd = [sys.executable, "-m", "apq_lightning.cli",
-           *_cli_args("collect_fp_tiny.yaml", tiny_ckpt, out, n,
-                      "--trainer.strategy", "ddp", "--trainer.devices", "2")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "apq_lightning.cli",
+        *_cli_args("collect_fp_tiny.yaml", tiny_ckpt, out, n, "--trainer.strategy", "ddp", "--trainer.devices", "2"),
+    ]
     done = subprocess.run(cmd, cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     r0 = read_samples(out / "samples.rank0.jsonl")

@@ -408,3 +408,16 @@ def test_measured_table_path_roundtrip_through_cost_command(tmp_path, capsys):
 
 def test_paths_are_not_hard_coded():
     assert Path(bitfusion_table_path()).name == "bitfusion_b1.json"
+
+
+def test_layout_and_cost_models_stay_torch_free():
+    """The layout description and the cost models are shared with torch code but import no torch
+    (the ``cost`` command and the search start fast)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, apq_lightning.layout, apq_lightning.hardware.cost, apq_lightning.hardware.geometry; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr

@@ -53,4 +53,5 @@ __all__ = [
     "store_files",
     "store_path",
     "summarize",
+    "top1",
 ]

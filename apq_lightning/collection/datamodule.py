@@ -104,9 +104,18 @@ class SampleIndexDataModule(ImageDataModule):
                 "(--data.init_args.root PATH/cifar10-jpeg.tar.gz), or set data.init_args.download: true"
             )
         super().__init__(
-            dataset=dataset, root=root, image_size=image_size, batch_size=batch_size,  # type: ignore[arg-type]
-            eval_batch_size=eval_batch_size, num_workers=num_workers, heldout_size=heldout_size, seed=seed,
-            augment=augment, cache_dir=cache_dir, download=download, train_subset=train_subset,
+            dataset=dataset,
+            root=root,
+            image_size=image_size,
+            batch_size=batch_size,  # type: ignore[arg-type]
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            heldout_size=heldout_size,
+            seed=seed,
+            augment=augment,
+            cache_dir=cache_dir,
+            download=download,
+            train_subset=train_subset,
         )
         self.num_samples = num_samples
         self.output_dir = Path(output_dir)
@@ -144,15 +153,12 @@ class SampleIndexDataModule(ImageDataModule):
         identity = module.sample_identity() if hasattr(module, "sample_identity") else None
         todo = self.plan(identity)
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        lightning_shards = (
-            trainer is not None and world > 1 and trainer._accelerator_connector.use_distributed_sampler
-        )
+        lightning_shards = trainer is not None and world > 1 and trainer._accelerator_connector.use_distributed_sampler
         mine = todo if (world == 1 or lightning_shards) else todo[rank::world]
         if trainer is not None and trainer.is_global_zero:
             print(
                 f"sample collection: {len(self.done)} of {self.num_samples} samples already in "
-                f"{self.output_dir}, {len(todo)} to collect"
-                + (f" on {world} processes" if world > 1 else ""),
+                f"{self.output_dir}, {len(todo)} to collect" + (f" on {world} processes" if world > 1 else ""),
                 flush=True,
             )
         return DataLoader(IndexDataset(mine), batch_size=1, shuffle=False, num_workers=0, collate_fn=_collate_indices)
@@ -161,13 +167,17 @@ class SampleIndexDataModule(ImageDataModule):
         return store_path(self.output_dir, rank)
 
     def __repr__(self) -> str:
-        return f"SampleIndexDataModule(num_samples={self.num_samples}, output_dir={str(self.output_dir)!r}, images={super().__repr__()})"
+        return (
+            f"SampleIndexDataModule(num_samples={self.num_samples}, output_dir={str(self.output_dir)!r}, "
+            f"images={super().__repr__()})"
+        )
 
     __str__ = __repr__
 
 
 def _check_same_measurement(r: SampleRecord, identity: dict[str, Any], output_dir: Path) -> None:
     """Raise unless record ``r`` was measured exactly as this run measures (same store)."""
+
     def refuse(what: str, theirs: Any, ours: Any) -> None:
         raise ValueError(
             f"{output_dir} already holds samples measured with another {what} (index {r.index}: "

@@ -55,7 +55,16 @@ KINDS: tuple[str, ...] = ("fp", "mp_random", "mp_arch_policies")
 MP_KINDS: tuple[str, ...] = ("mp_random", "mp_arch_policies")
 
 _FIELDS: tuple[str, ...] = (
-    "key", "subnet", "acc", "index", "seed", "kind", "space", "supernet_hash", "protocol", "timing",
+    "key",
+    "subnet",
+    "acc",
+    "index",
+    "seed",
+    "kind",
+    "space",
+    "supernet_hash",
+    "protocol",
+    "timing",
 )
 _SUBNET_KEYS = ("space", "depths", "kernels", "widths", "bits")
 
@@ -105,9 +114,13 @@ class SampleRecord:
         missing = [k for k in _FIELDS if k not in d]
         unknown = sorted(set(d) - set(_FIELDS))
         if missing or unknown:
-            raise ValueError(f"sample record: missing fields {missing}, unknown fields {unknown}; required: {list(_FIELDS)}")
+            raise ValueError(
+                f"sample record: missing fields {missing}, unknown fields {unknown}; required: {list(_FIELDS)}"
+            )
         timing = d["timing"]
-        if not isinstance(timing, Mapping) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in timing.values()):
+        if not isinstance(timing, Mapping) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in timing.values()
+        ):
             raise ValueError(f"sample record: timing must map names to seconds, got {timing!r}")
         return cls(
             key=d["key"],
@@ -420,9 +433,7 @@ def read_samples(
     return out
 
 
-def merge_stores(
-    paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], out: str | os.PathLike[str]
-) -> int:
+def merge_stores(paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]], out: str | os.PathLike[str]) -> int:
     """Merge stores into one file, sorted by (kind, index, key) and without duplicates.
 
     The result does not depend on the order of the inputs: records are sorted by

@@ -43,7 +43,9 @@ class SampleWriter(BasePredictionWriter):
         dm_dir = getattr(trainer.datamodule, "output_dir", None)
         if self.output_dir is None:
             if dm_dir is None:
-                raise ValueError("SampleWriter: set output_dir, or use a datamodule with an output_dir (SampleIndexDataModule)")
+                raise ValueError(
+                    "SampleWriter: set output_dir, or use a datamodule with an output_dir (SampleIndexDataModule)"
+                )
             return Path(dm_dir)
         if dm_dir is not None and Path(dm_dir).resolve() != self.output_dir.resolve():
             raise ValueError(
@@ -77,7 +79,9 @@ class SampleWriter(BasePredictionWriter):
         records = prediction if isinstance(prediction, (list, tuple)) else [prediction]
         for rec in records:
             if not isinstance(rec, SampleRecord):
-                raise ValueError(f"predict_step must return SampleRecord objects for SampleWriter, got {type(rec).__name__}")
+                raise ValueError(
+                    f"predict_step must return SampleRecord objects for SampleWriter, got {type(rec).__name__}"
+                )
             self.store.append(rec)
             self.written.append(rec)
 

@@ -48,7 +48,13 @@ from apq_lightning.quant.policy import FixedBits, clone_float, resolve_fixed_bit
 from apq_lightning.space import Subnet, get_space
 from apq_lightning.supernet import Supernet, recalibrate_bn
 
-__all__ = ["FPCollectionModule", "MPCollectionModule", "SubnetCollectionModule", "load_collection_supernet", "short_qat"]
+__all__ = [
+    "FPCollectionModule",
+    "MPCollectionModule",
+    "SubnetCollectionModule",
+    "load_collection_supernet",
+    "short_qat",
+]
 
 CL = torch.channels_last
 
@@ -64,9 +70,13 @@ def load_collection_supernet(
     """
     if ckpt is None:
         if space is None:
-            raise ValueError("give model.init_args.supernet_ckpt (a stage-1 checkpoint) or, for a random supernet, space")
-        msg = (f"sample collection from a RANDOMLY INITIALISED {space} supernet (no supernet_ckpt): "
-               "accuracies are meaningless except for tests and timing")
+            raise ValueError(
+                "give model.init_args.supernet_ckpt (a stage-1 checkpoint) or, for a random supernet, space"
+            )
+        msg = (
+            f"sample collection from a RANDOMLY INITIALISED {space} supernet (no supernet_ckpt): "
+            "accuracies are meaningless except for tests and timing"
+        )
         warnings.warn(msg, stacklevel=3)
         rank_zero_only(print)("!! " + msg, flush=True)
         with torch.random.fork_rng(devices=[]):
@@ -130,11 +140,16 @@ class SubnetCollectionModule(L.LightningModule):
         cache_images: bool = True,
     ) -> None:
         super().__init__()
-        for name, value, low in (("bn_batches", bn_batches, 1), ("bn_batch_size", bn_batch_size, 1),
-                                 ("eval_batch_size", eval_batch_size, 1)):
+        for name, value, low in (
+            ("bn_batches", bn_batches, 1),
+            ("bn_batch_size", bn_batch_size, 1),
+            ("eval_batch_size", eval_batch_size, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if eval_images is not None and (isinstance(eval_images, bool) or not isinstance(eval_images, int) or eval_images < 1):
+        if eval_images is not None and (
+            isinstance(eval_images, bool) or not isinstance(eval_images, int) or eval_images < 1
+        ):
             raise ValueError(f"eval_images must be an integer >= 1 or null (all held-out images), got {eval_images!r}")
         self.supernet, self.supernet_hash = load_collection_supernet(supernet_ckpt, space, num_classes, seed)
         self.space = self.supernet.space
@@ -177,7 +192,12 @@ class SubnetCollectionModule(L.LightningModule):
             "bn_batch_size": h.bn_batch_size,
         }
         if h.cache_images:
-            self._bn_images = [x for x, _ in cache_batches(dm.calib_dataloader(h.bn_batches, h.bn_batch_size), None, "cpu", h.channels_last)]
+            self._bn_images = [
+                x
+                for x, _ in cache_batches(
+                    dm.calib_dataloader(h.bn_batches, h.bn_batch_size), None, "cpu", h.channels_last
+                )
+            ]
             self._eval_batches = cache_batches(dm.heldout_dataloader(h.eval_batch_size), n_eval, "cpu", h.channels_last)
 
     def on_predict_start(self) -> None:
@@ -228,7 +248,9 @@ class SubnetCollectionModule(L.LightningModule):
         }
 
     def record(self, subnet: Subnet, acc: float, index: int, kind: str, timing: dict[str, float]) -> SampleRecord:
-        return SampleRecord.measured(subnet, acc, index, self.seed, kind, self.supernet_hash, _json_plain(self.protocol()), timing)
+        return SampleRecord.measured(
+            subnet, acc, index, self.seed, kind, self.supernet_hash, _json_plain(self.protocol()), timing
+        )
 
     def measure(self, index: int) -> SampleRecord:
         raise NotImplementedError
@@ -269,8 +291,18 @@ class FPCollectionModule(SubnetCollectionModule):
     ) -> None:
         if mode not in FP_MODES:
             raise ValueError(f"mode={mode!r} is not allowed; allowed: {list(FP_MODES)}")
-        super().__init__(supernet_ckpt, space, num_classes, seed, bn_batches, bn_batch_size, eval_images,
-                         eval_batch_size, channels_last, cache_images)
+        super().__init__(
+            supernet_ckpt,
+            space,
+            num_classes,
+            seed,
+            bn_batches,
+            bn_batch_size,
+            eval_images,
+            eval_batch_size,
+            channels_last,
+            cache_images,
+        )
         self.save_hyperparameters()
 
     def protocol(self) -> dict[str, Any]:
@@ -279,8 +311,9 @@ class FPCollectionModule(SubnetCollectionModule):
     def measure(self, index: int) -> SampleRecord:
         t0 = time.perf_counter()
         subnet = fp_subnet(self.space, self.seed, index)
-        res = measure_fp(self.supernet, subnet, self.bn_images(), self.eval_batches(), self.hparams.mode,
-                         self.hparams.channels_last)
+        res = measure_fp(
+            self.supernet, subnet, self.bn_images(), self.eval_batches(), self.hparams.mode, self.hparams.channels_last
+        )
         timing = {"total_s": time.perf_counter() - t0, "bn_s": res.bn_s, "eval_s": res.eval_s, "qat_s": 0.0}
         return self.record(subnet, res.acc, index, "fp", timing)
 
@@ -335,19 +368,37 @@ class MPCollectionModule(SubnetCollectionModule):
         label_smoothing: float = 0.0,
     ) -> None:
         check_method(method)
-        for name, value, low in (("calib_batches", calib_batches, 1), ("calib_batch_size", calib_batch_size, 1),
-                                 ("qat_steps", qat_steps, 0), ("qat_batch_size", qat_batch_size, 1)):
+        for name, value, low in (
+            ("calib_batches", calib_batches, 1),
+            ("calib_batch_size", calib_batch_size, 1),
+            ("qat_steps", qat_steps, 0),
+            ("qat_batch_size", qat_batch_size, 1),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if lr <= 0 or kd_ratio < 0 or kd_temperature <= 0:
-            raise ValueError(f"need lr > 0, kd_ratio >= 0, kd_temperature > 0; got lr={lr}, kd_ratio={kd_ratio}, "
-                             f"kd_temperature={kd_temperature}")
+            raise ValueError(
+                f"need lr > 0, kd_ratio >= 0, kd_temperature > 0; got lr={lr}, kd_ratio={kd_ratio}, "
+                f"kd_temperature={kd_temperature}"
+            )
         sampling = MPSampling(arch_policies_fraction, policies_per_arch, uniform_bits)
-        super().__init__(supernet_ckpt, space, num_classes, seed, bn_batches, bn_batch_size, eval_images,
-                         eval_batch_size, channels_last, cache_images)
+        super().__init__(
+            supernet_ckpt,
+            space,
+            num_classes,
+            seed,
+            bn_batches,
+            bn_batch_size,
+            eval_images,
+            eval_batch_size,
+            channels_last,
+            cache_images,
+        )
         if uniform_bits is not None and uniform_bits not in self.space.bit_choices:
-            raise ValueError(f"uniform_bits={uniform_bits} is not a bit choice of space {self.space.name!r}; "
-                             f"allowed: {list(self.space.bit_choices)}")
+            raise ValueError(
+                f"uniform_bits={uniform_bits} is not a bit choice of space {self.space.name!r}; "
+                f"allowed: {list(self.space.bit_choices)}"
+            )
         self.sampling = sampling
         self.fixed_bits = resolve_fixed_bits(self.space, fixed_bits)
         self.save_hyperparameters()
@@ -420,13 +471,29 @@ class MPCollectionModule(SubnetCollectionModule):
             recalibrate_bn(model, self.bn_images())
             teacher = clone_float(model).eval().requires_grad_(False) if h.kd_ratio > 0 else None
             t2 = time.perf_counter()
-            quantize_subnet(model, subnet, self.calib_images(), method=h.method, fixed_bits=self.fixed_bits,
-                            per_channel=h.per_channel)
+            quantize_subnet(
+                model,
+                subnet,
+                self.calib_images(),
+                method=h.method,
+                fixed_bits=self.fixed_bits,
+                per_channel=h.per_channel,
+            )
             t3 = time.perf_counter()
             if h.qat_steps > 0:
-                short_qat(model, teacher, self.qat_batches(seed), h.qat_steps, lr=h.lr, momentum=h.momentum,
-                          weight_decay=h.weight_decay, kd_ratio=h.kd_ratio, kd_temperature=h.kd_temperature,
-                          label_smoothing=h.label_smoothing, channels_last=h.channels_last)
+                short_qat(
+                    model,
+                    teacher,
+                    self.qat_batches(seed),
+                    h.qat_steps,
+                    lr=h.lr,
+                    momentum=h.momentum,
+                    weight_decay=h.weight_decay,
+                    kd_ratio=h.kd_ratio,
+                    kd_temperature=h.kd_temperature,
+                    label_smoothing=h.label_smoothing,
+                    channels_last=h.channels_last,
+                )
             t4 = time.perf_counter()
             acc = top1(model, self.eval_batches())
             t5 = time.perf_counter()

@@ -1,0 +1,212 @@
+"""All seven stages of APQ in one resumable command (``make demo``, ``make pipeline``).
+
+Each stage is one ``apq`` command on a recipe, run as its own process, exactly as a user would
+type it; stages pass files (checkpoints, sample stores, search results), never globals. Every
+command is resumable by itself (``--ckpt_path last`` for fits, finished indices skipped by the
+collections, finished final runs skipped), so rerunning this driver after a kill finishes the
+interrupted stage and passes quickly over the done ones.
+
+    python -m apq_lightning.stages --preset tiny                      # digits, offline, minutes
+    python -m apq_lightning.stages --preset cifar --data PATH.tar.gz  # CIFAR-10, CPU hours
+
+At the end it prints (and writes ``<out>/results.md``) a table: the searched subnets under each
+budget with predicted and achieved accuracy after QAT, latency, energy and BitOps, beside the
+fixed-precision baselines, and it names the folder of the PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What one pipeline run trains, collects and searches (sizes chosen for its machine)."""
+
+    name: str
+    supernet: str
+    collect_fp: str
+    collect_mp: str
+    predictor_fp: str
+    predictor_mp: str
+    finetune: str
+    budgets: tuple[float, ...]  # BitFusion latency budgets (ms) of the searches
+    fp_samples: int
+    mp_samples: int
+    generations: int
+    baseline_bits: str = "8,4"
+    data: tuple[str, ...] = ()  # extra options naming the dataset, per LightningCLI command
+    finetune_args: tuple[str, ...] = field(default_factory=tuple)
+
+    def run(self, recipe: str) -> Path:
+        """The run directory of a recipe (its ``trainer.default_root_dir``)."""
+        return Path("runs") / Path(recipe).stem
+
+
+PRESETS: dict[str, Preset] = {
+    # digits, 16 px, tiny space: a few minutes on 2 CPU cores. Budgets: about the 25th and 70th
+    # percentile of random tiny subnets' BitFusion latency (fitted model).
+    "tiny": Preset(
+        "tiny", "recipes/supernet_tiny.yaml", "recipes/collect_fp_tiny.yaml", "recipes/collect_mp_tiny.yaml",
+        "recipes/predictor_fp_tiny.yaml", "recipes/predictor_mp_tiny.yaml", "recipes/finetune_tiny.yaml",
+        budgets=(0.45, 0.6), fp_samples=200, mp_samples=40, generations=100,
+    ),
+    # CIFAR-10, apq_cifar: sized for 2 CPU cores (see docs/results/cifar10.md for the plan).
+    "cifar": Preset(
+        "cifar", "recipes/supernet_cifar.yaml", "recipes/collect_fp.yaml", "recipes/collect_mp.yaml",
+        "recipes/predictor_fp.yaml", "recipes/predictor_mp.yaml", "recipes/finetune.yaml",
+        budgets=(0.35, 0.5), fp_samples=2000, mp_samples=400, generations=500,
+    ),
+}
+
+
+def _apq(args: list[str], log: Path) -> None:
+    """Run one ``apq`` command in its own process, its output to the terminal and to ``log``."""
+    cmd = [sys.executable, "-m", "apq_lightning.cli", *args]
+    print(f"\n$ apq {shlex.join(args)}", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:
+        fh.write(f"\n$ apq {shlex.join(args)}\n")
+        fh.flush()
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-25:])
+        raise SystemExit(f"stage failed (exit {proc.returncode}): apq {shlex.join(args)}\n--- {log} (end) ---\n{tail}")
+
+
+def _budget_name(ms: float) -> str:
+    return f"latency_ms={ms:g}"
+
+
+def run_pipeline(p: Preset, out: Path, data: list[str]) -> dict[str, float]:
+    """Run the seven stages; returns the wall time of each (seconds)."""
+    log = out / "pipeline.log"
+    times: dict[str, float] = {}
+    supernet_ckpt = p.run(p.supernet) / "checkpoints" / "last.ckpt"
+    fp_ckpt = p.run(p.predictor_fp) / "checkpoints" / "last.ckpt"
+    mp_ckpt = p.run(p.predictor_mp) / "checkpoints" / "last.ckpt"
+
+    def stage(name: str, *commands: list[str]) -> None:
+        t = time.perf_counter()
+        for c in commands:
+            _apq(c, log)
+        times[name] = time.perf_counter() - t
+        print(f"== stage {name}: {times[name]:.0f} s", flush=True)
+
+    stage("1 supernet", ["fit", "--config", p.supernet, *data, "--ckpt_path", "last"])
+    stage("2 FP samples", ["predict", "--config", p.collect_fp, *data, "--model.init_args.supernet_ckpt",
+                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.fp_samples)])
+    stage("3 FP predictor", ["fit", "--config", p.predictor_fp, "--ckpt_path", "last"])
+    stage("4 MP samples", ["predict", "--config", p.collect_mp, *data, "--model.init_args.supernet_ckpt",
+                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.mp_samples)])
+    stage("5 MP predictor", ["fit", "--config", p.predictor_mp, "--model.init_args.transfer_from", str(fp_ckpt),
+                             "--ckpt_path", "last"])
+    searches = []
+    for ms in p.budgets:
+        res = out / "search" / f"{_budget_name(ms)}.json"
+        searches.append((ms, res))
+        if not res.is_file():
+            stage(f"6 search {_budget_name(ms)}", ["search", "--predictor", str(mp_ckpt), "--hardware", "bitfusion",
+                                                  "--constraint", _budget_name(ms), "--generations", str(p.generations),
+                                                  "--seed", "0", "--out", str(res)])
+    for ms, res in searches:
+        stage(f"7 final {_budget_name(ms)}", ["final", "--search", str(res), "--supernet", str(supernet_ckpt),
+                                             "--recipe", p.finetune, "--out", str(out / "final" / _budget_name(ms)),
+                                             "--table", str(out / "final" / "report"), *data, *p.finetune_args])
+    ms0 = p.budgets[0]
+    stage(f"baselines {_budget_name(ms0)}", [
+        "baselines", "--fp-predictor", str(fp_ckpt), "--mp-predictor", str(mp_ckpt), "--hardware", "bitfusion",
+        "--constraint", _budget_name(ms0), "--methods", "largest,fp-search,sequential,random",
+        "--bits", p.baseline_bits, "--generations", str(p.generations), "--out", str(out / "baselines"),
+        "--finetune", "--supernet", str(supernet_ckpt), "--recipe", p.finetune, *data, *p.finetune_args])
+    return times
+
+
+def _fmt(v: object, digits: int = 3) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def results_table(p: Preset, out: Path) -> str:
+    """Markdown: APQ's searched subnets per budget, then the baselines under the first budget."""
+    head = ("| method | budget | predicted top-1 | achieved top-1 (after QAT) | latency ms | energy mJ | GBitOps | "
+            "size kB |\n|---|---|---|---|---|---|---|---|")
+    rows = []
+    for ms in p.budgets:
+        f = out / "final" / _budget_name(ms) / "final.json"
+        if f.is_file():
+            r = json.loads(f.read_text())
+            r = r.get("row", r)
+            rows.append(_row("APQ (joint search)", ms, r.get("predicted_acc"), r.get("top1"), r))
+    b = out / "baselines" / "baselines.json"
+    if b.is_file():
+        for r in json.loads(b.read_text()).get("rows", []):
+            if r.get("method") == "apq":
+                continue
+            rows.append(_row(r.get("method", "?"), p.budgets[0], r.get("predicted_acc"), r.get("achieved_acc"), r))
+    return "\n".join([head, *rows])
+
+
+def _row(method: str, ms: float, pred: object, achieved: object, r: dict) -> str:
+    bitops = r.get("bitops")
+    size = r.get("size_bytes")
+    within = r.get("within_budget", True)
+    budget = f"{ms:g} ms" + ("" if within in (True, None) else " (over)")
+    return (f"| {method} | {budget} | {_fmt(pred)} | {_fmt(achieved)} | {_fmt(r.get('latency_ms'))} | "
+            f"{_fmt(r.get('energy_mJ'))} | {_fmt(bitops / 1e9 if bitops else None)} | "
+            f"{_fmt(size / 1e3 if size else None, 1)} |")
+
+
+def collect_plots(p: Preset, out: Path) -> Path:
+    """Copy every stage's PNG into ``<out>/plots`` (one folder to look at)."""
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    sources = [p.run(r) for r in (p.supernet, p.predictor_fp, p.predictor_mp)] + [out]
+    for src in sources:
+        for png in src.rglob("*.png"):
+            if plots in png.parents:
+                continue
+            rel = png.relative_to(src.parent if src != out else out)
+            shutil.copy2(png, plots / str(rel).replace(os.sep, "__"))
+    return plots
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m apq_lightning.stages", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    ap.add_argument("--data", default=None, help="dataset archive/tree for the cifar preset (--data.init_args.root)")
+    ap.add_argument("--out", default=None, help="folder of the search results, reports and plots (runs/pipeline_<preset>)")
+    args = ap.parse_args(argv)
+    p = PRESETS[args.preset]
+    if p.name != "tiny" and not args.data:
+        ap.error(f"--preset {p.name} needs --data PATH (an ImageFolder tree or .tar.gz of CIFAR-10)")
+    data = ["--data.init_args.root", str(Path(args.data).resolve())] if args.data else []
+    out = Path(args.out or f"runs/pipeline_{p.name}")
+    t0 = time.perf_counter()
+    times = run_pipeline(p, out, data)
+    table = results_table(p, out)
+    plots = collect_plots(p, out)
+    total = time.perf_counter() - t0
+    stage_lines = "\n".join(f"| {k} | {v:.0f} |" for k, v in times.items())
+    report = (f"# APQ pipeline, preset {p.name}\n\n{table}\n\nWall time per stage (s):\n\n| stage | s |\n|---|---|\n"
+              f"{stage_lines}\n\nTotal {total:.0f} s. Plots: {plots}/\n")
+    (out / "results.md").write_text(report)
+    print("\n" + report, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
