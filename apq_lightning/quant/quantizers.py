@@ -20,14 +20,15 @@ straight-through estimator with clipping as backward -- gradient 1 where ``round
 lies inside ``[qmin, qmax]`` and 0 outside. (PyTorch computes ``x * (1/s)`` rather than
 ``x / s``; the two differ only on exact ties.)
 
-One exception, for speed (docs/quantization.md, "QAT speed"): per-tensor float32 tensors on
-the CPU -- every activation, and the weights unless ``per_channel`` -- go through
+One exception, for speed (docs/quantization.md §3 "CPU fast path" and §6): per-tensor float32
+tensors on the CPU -- every activation, and the weights unless ``per_channel`` -- go through
 :func:`fake_quantize_cpu`, the same arithmetic written with vectorised tensor ops. PyTorch's
 CPU kernel for this op is a scalar loop that made QAT steps ~1.5x as slow as float steps;
-the vectorised form brings them to ~1.1x. It returns the op's values and gradients bit for
-bit on every non-NaN input (``tests/test_quant_primitives.py`` compares the two over every
-bit width, both signednesses, ties, range edges and out-of-range values); NaN inputs give
-NaN instead of ``qmin * s``. Set ``LinearQuantizer.fast_cpu = False`` to use PyTorch's op
+the vectorised form brings them to ~1.1x. It returns the op's values bit for bit and its
+gradients (``tests/test_quant_primitives.py`` compares the two over every bit width, both
+signednesses, ties, range edges, out-of-range and infinite values); the only differences: NaN
+inputs give NaN instead of ``qmin * s``, and a blocked gradient is +0.0 where the op gives
+-0.0 for a negative incoming gradient. ``LinearQuantizer.fast_cpu = False`` uses PyTorch's op
 everywhere.
 
 The range ``v`` is a buffer, not a parameter: APQ chooses it once by KL calibration
@@ -109,7 +110,7 @@ def _fq_values(x: Tensor, scale: float, inv_scale: float, qmin: int, qmax: int) 
     return torch.add(_ZERO, q, alpha=scale, out=q)
 
 
-_ZERO = torch.zeros(())
+_ZERO = torch.zeros((), dtype=torch.float32)
 
 
 class _FakeQuantizeCPU(torch.autograd.Function):
@@ -213,8 +214,8 @@ class LinearQuantizer(nn.Module):
 
     fast_cpu: ClassVar[bool] = True
     """Per-tensor float32 CPU inputs use :func:`fake_quantize_cpu` (same values and gradients as
-    PyTorch's op, ~2.5x faster on a QAT step's activations); ``False`` (on the class or on one
-    instance) uses ``torch.fake_quantize_per_tensor_affine`` everywhere."""
+    PyTorch's op; a QAT step ~1.1x a float step instead of ~1.5x); ``False`` (on the class or on
+    one instance) uses ``torch.fake_quantize_per_tensor_affine`` everywhere."""
 
     def __init__(
         self,
