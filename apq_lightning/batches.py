@@ -9,7 +9,9 @@ from typing import Any
 import torch
 
 
-def iter_images(batches: Iterable[Any], num_batches: int | None = None, device: torch.device | None = None) -> Iterator[torch.Tensor]:
+def iter_images(
+    batches: Iterable[Any], num_batches: int | None = None, device: torch.device | None = None
+) -> Iterator[torch.Tensor]:
     """The image tensor of each batch (``x`` or ``(x, y, ...)``), at most ``num_batches`` of them.
 
     Stops drawing from the iterator at ``num_batches``, so a data loader is not advanced further.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -124,7 +124,7 @@ class Encoder:
         return g
 
 
-@lru_cache(maxsize=None)
+@cache
 def _encoder(name: str) -> Encoder:
     sp = get_space(name)
     sl = sp.genome_slices()

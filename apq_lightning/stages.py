@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     ap.add_argument("--data", default=None, help="dataset archive/tree for the cifar preset (--data.init_args.root)")
-    ap.add_argument("--out", default=None, help="folder of the search results, reports and plots (runs/pipeline_<preset>)")
+    ap.add_argument("--out", default=None,
+                    help="folder of the search results, reports and plots (runs/pipeline_<preset>)")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     if p.name != "tiny" and not args.data:
@@ -201,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     plots = collect_plots(p, out)
     total = time.perf_counter() - t0
     stage_lines = "\n".join(f"| {k} | {v:.0f} |" for k, v in times.items())
-    report = (f"# APQ pipeline, preset {p.name}\n\n{table}\n\nWall time per stage (s):\n\n| stage | s |\n|---|---|\n"
-              f"{stage_lines}\n\nTotal {total:.0f} s. Plots: {plots}/\n")
+    report = (f"# APQ pipeline, preset {p.name}\n\n{table}\n\nWall time per stage (s):\n\n"
+              f"| stage | s |\n|---|---|\n{stage_lines}\n\nTotal {total:.0f} s. Plots: {plots}/\n")
     (out / "results.md").write_text(report)
     print("\n" + report, flush=True)
     return 0

@@ -43,4 +43,5 @@ class MetricsSummary(L.Callback):
         if self.out:
             path = Path(self.out)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps({"epochs": trainer.current_epoch, "metrics": metrics, "checkpoint": ckpt}, indent=2))
+            summary = {"epochs": trainer.current_epoch, "metrics": metrics, "checkpoint": ckpt}
+            path.write_text(json.dumps(summary, indent=2))

@@ -21,8 +21,8 @@ reports only.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -49,9 +49,9 @@ from apq_lightning.data.imagetree import (  # noqa: F401
     ROOT_HINT,
     ImageTreeLayout,
     cache_key,
-    layout_error,
     decode_image_tree,
     default_cache_dir,
+    layout_error,
     load_cache,
     load_cached_classes,
     save_cache,
@@ -150,7 +150,9 @@ class ImageDataModule(L.LightningDataModule):
 
     def _require_root(self) -> Path:
         if self.root is None:
-            extra = ", or set `download: true` (--data.download true) to fetch CIFAR-10" if self.dataset == "cifar10" else ""
+            extra = ""
+            if self.dataset == "cifar10":
+                extra = ", or set `download: true` (--data.download true) to fetch CIFAR-10"
             raise FileNotFoundError(f"dataset={self.dataset!r} needs `root`. {ROOT_HINT}{extra}.")
         if not self.root.exists():
             extra = ", or set `download: true` to fetch CIFAR-10 into the cache" if self.dataset == "cifar10" else ""
@@ -345,7 +347,8 @@ class ImageDataModule(L.LightningDataModule):
         steps behave badly on tiny batches) unless the split is smaller than one batch."""
         self._ready()
         assert self.train_set is not None
-        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=len(self.train_set) >= self.batch_size)
+        drop_last = len(self.train_set) >= self.batch_size
+        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=drop_last)
 
     def val_dataloader(self) -> DataLoader | list:
         """The held-out training images (never the test split); empty when ``heldout_size=0``."""

@@ -6,12 +6,12 @@ and a split is the same on every rank and every run.
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-
 
 DatasetName = Literal["cifar10", "imagefolder", "digits"]
 DATASETS: tuple[str, ...] = ("cifar10", "imagefolder", "digits")

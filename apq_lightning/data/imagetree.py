@@ -15,9 +15,9 @@ import os
 import sys
 import tarfile
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -184,7 +184,7 @@ def cache_key(path: Path, layout: ImageTreeLayout | None = None) -> str:
         assert layout is not None
         h = hashlib.sha1()
         for split in ("train", "test"):
-            for cls, f in layout.files[split]:
+            for _cls, f in layout.files[split]:
                 st = os.stat(f)
                 h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         ident = f"dir|{ap}|{h.hexdigest()}"
