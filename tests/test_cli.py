@@ -67,6 +67,7 @@ def _strings(node) -> list[str]:
 RUN_DIR_RECIPES = [
     ("fit", "supernet_tiny"), ("fit", "supernet_cifar"), ("fit", "supernet_imagenet"), ("fit", "finetune"),
     ("fit", "finetune_short"), ("fit", "finetune_tiny"), ("predict", "collect_fp_tiny"), ("predict", "collect_mp"),
+    ("predict", "collect_fp_imagenet"), ("predict", "collect_mp_imagenet"),
 ]
 
 
@@ -89,3 +90,12 @@ def test_legacy_phase_epochs_interpolation_resolves_to_null(tmp_path, capsys):
     (tmp_path / "legacy.yaml").write_text(text)
     cfg = _print_config(["fit", "--config", str(tmp_path / "legacy.yaml")], capsys)
     assert cfg["trainer"]["max_epochs"] is None
+
+
+@pytest.mark.parametrize("recipe", ["predictor_fp_imagenet", "predictor_mp_imagenet"])
+def test_imagenet_predictor_recipes_parse_for_ddp(recipe, capsys):
+    """The multi-GPU predictor recipes resolve: DDP over every device, apq_imagenet stores."""
+    cfg = _print_config(["fit", "--config", str(ROOT / "recipes" / f"{recipe}.yaml")], capsys)
+    assert cfg["trainer"]["strategy"] == "ddp" and cfg["trainer"]["devices"] == -1
+    assert cfg["model"]["init_args"]["space"] == "apq_imagenet"
+    assert all("imagenet" in s for s in cfg["data"]["init_args"]["stores"])
