@@ -29,7 +29,7 @@ from typing import Any, Protocol
 from torch.utils.data import DataLoader, Dataset
 
 from apq_lightning.collection.store import SampleRecord, read_samples
-from apq_lightning.data import ImageDataModule
+from apq_lightning.data.datamodule import ImageDataModule  # the submodule: apq_lightning.data imports the store
 
 __all__ = ["IndexDataset", "SampleIndexDataModule", "SampleIdentity", "store_path"]
 
