@@ -561,8 +561,8 @@ def _trainer(tmp_path: Path, epochs: int) -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
 
 
-def test_predictor_learns_a_synthetic_ground_truth(tmp_path):
-    L.seed_everything(0)
+def test_predictor_learns_a_synthetic_ground_truth(tmp_path, seed):
+    L.seed_everything(seed)
     write_store(tmp_path / "mp.jsonl", "tiny", "mp_random", 1500)
     dm = SubnetSampleDataModule([str(tmp_path / "mp.jsonl")], quantized=True, batch_size=64)
     module = PredictorModule(space="tiny", quantized=True, hidden=128, lr=2e-3)
@@ -570,8 +570,9 @@ def test_predictor_learns_a_synthetic_ground_truth(tmp_path):
     trainer.fit(module, dm)
     val = dict(trainer.callback_metrics)
     assert {"val/kendall_tau", "val/rmse", "val/loss", "train/loss"} <= set(val)
-    assert val["val/pairwise_acc"] >= 0.9, val
     test = trainer.test(module, dm, verbose=False)[0]
+    print(f"synthetic predictor: val pairwise {float(val['val/pairwise_acc']):.4f}, test {test['test/pairwise_acc']:.4f}")
+    assert val["val/pairwise_acc"] >= 0.9, val
     assert test["test/pairwise_acc"] >= 0.9 and {"test/kendall_tau", "test/rmse", "test/loss"} <= set(test)
 
 
