@@ -16,11 +16,12 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from _stores import write_store
 from test_encoding import reference_features
 
 from apq_lightning.callbacks import PredictorScatter
 from apq_lightning.cli import main as cli_main
-from apq_lightning.collection.store import SampleRecord, TornLineWarning
+from apq_lightning.collection.store import TornLineWarning
 from apq_lightning.data import SubnetSampleDataModule
 from apq_lightning.data.samples import arch_key, genomes_from_dicts
 from apq_lightning.encoding import get_encoder
@@ -33,38 +34,6 @@ from apq_lightning.space import get_space
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-# --------------------------------------------------------------------------------------------
-# Synthetic samples
-# --------------------------------------------------------------------------------------------
-def true_accuracy(space: str, genomes: np.ndarray, quantized: bool) -> np.ndarray:
-    """A ground truth a predictor can learn: additive per-choice effects plus a depth × bits
-    interaction, in [0, 1]. Float subnets score their architecture only."""
-    enc = get_encoder(space)
-    w = np.random.default_rng(123).normal(0.0, 0.01, enc.dim)
-    x = enc.encode_genomes(genomes, quantized=True)
-    if not quantized:
-        x[:, enc.fp_dim:] = 0
-    active = get_space(space).genome_active(genomes).sum(axis=1)
-    bits = x[:, enc.fp_dim:].sum(axis=1) / max(1, enc.quant_dim)
-    return np.clip(0.55 + x @ w + 0.002 * active * bits, 0.0, 1.0)
-
-
-def write_store(path: Path, space: str, kind: str, n: int, seed: int = 0, supernet_hash: str = "abc123",
-                genomes: np.ndarray | None = None, start_index: int = 0) -> np.ndarray:
-    """``n`` records in the collection's format; returns their genomes."""
-    sp = get_space(space)
-    genomes = sp.sample_genomes(seed, n) if genomes is None else genomes
-    quantized = kind != "fp"
-    accs = true_accuracy(space, genomes, quantized)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        for i, (g, a) in enumerate(zip(genomes, accs)):
-            rec = SampleRecord.measured(sp.from_genome(g, quantized=quantized), float(a), start_index + i, seed, kind,
-                                        supernet_hash, {"bn_batches": 1}, {"total_s": 0.1})
-            fh.write(rec.to_json() + "\n")
-    return genomes
 
 
 # --------------------------------------------------------------------------------------------
@@ -571,7 +540,8 @@ def test_predictor_learns_a_synthetic_ground_truth(tmp_path, seed):
     val = dict(trainer.callback_metrics)
     assert {"val/kendall_tau", "val/rmse", "val/loss", "train/loss"} <= set(val)
     test = trainer.test(module, dm, verbose=False)[0]
-    print(f"synthetic predictor: val pairwise {float(val['val/pairwise_acc']):.4f}, test {test['test/pairwise_acc']:.4f}")
+    val_acc, test_acc = float(val["val/pairwise_acc"]), test["test/pairwise_acc"]
+    print(f"synthetic predictor: val pairwise {val_acc:.4f}, test {test_acc:.4f}")
     assert val["val/pairwise_acc"] >= 0.9, val
     assert test["test/pairwise_acc"] >= 0.9 and {"test/kendall_tau", "test/rmse", "test/loss"} <= set(test)
 
