@@ -32,17 +32,3 @@ class AutoWandbLogger(WandbLogger):
         if offline is None:
             offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not wandb_logged_in()
         super().__init__(offline=offline, project=project, **kwargs)
-
-    def finalize(self, status: str) -> None:
-        """Finish this logger's W&B run when its fit/test ends.
-
-        Lightning leaves the run open, and its ``WandbLogger`` adopts any run still open in the
-        process: a second fit in the same process (a notebook, the test suite, a driver running
-        several stages) would log into the first one's run and directory. Finishing here gives
-        every fit its own run; a later use of this logger starts a new one.
-        """
-        super().finalize(status)
-        if self._experiment is not None and getattr(self._experiment, "finish", None) is not None:
-            self._experiment.finish(exit_code=0 if status == "success" else 1)
-            self._experiment = None
-
