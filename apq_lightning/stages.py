@@ -114,10 +114,11 @@ def run_pipeline(p: Preset, out: Path, data: list[str]) -> dict[str, float]:
     for ms in p.budgets:
         res = out / "search" / f"{_budget_name(ms)}.json"
         searches.append((ms, res))
-        if not res.is_file():
-            stage(f"6 search {_budget_name(ms)}", ["search", "--predictor", str(mp_ckpt), "--hardware", "bitfusion",
-                                                  "--constraint", _budget_name(ms), "--generations", str(p.generations),
-                                                  "--seed", "0", "--out", str(res)])
+        if not (res.is_file() and res.with_suffix(".png").is_file()):
+            stage(f"6 search {_budget_name(ms)}", [
+                "search", "--predictor", str(mp_ckpt), "--hardware", "bitfusion", "--constraint", _budget_name(ms),
+                "--generations", str(p.generations), "--seed", "0", "--out", str(res),
+                "--plot", str(res.with_suffix(".png"))])
     for ms, res in searches:
         stage(f"7 final {_budget_name(ms)}", ["final", "--search", str(res), "--supernet", str(supernet_ckpt),
                                              "--recipe", p.finetune, "--out", str(out / "final" / _budget_name(ms)),
