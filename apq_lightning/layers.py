@@ -112,7 +112,8 @@ class MBConvNet(nn.Module):
         self.classifier = build_classifier(space, num_classes)
 
     def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The elastic blocks: static in SubnetModel, the active subnet's in Supernet."""
+        raise NotImplementedError(f"{type(self).__name__} must implement run_blocks")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.run_blocks(self.first(self.stem(x))))

@@ -82,7 +82,7 @@ def _from_csv(text: str) -> Any:
     for kind in (int, float):
         try:
             return kind(text)
-        except ValueError:
+        except ValueError:  # not this kind of number: try the next, else keep the text
             pass
     return text
 

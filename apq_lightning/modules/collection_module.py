@@ -253,7 +253,8 @@ class SubnetCollectionModule(L.LightningModule):
         )
 
     def measure(self, index: int) -> SampleRecord:
-        raise NotImplementedError
+        """One sample: FPCollectionModule / MPCollectionModule define what is measured."""
+        raise NotImplementedError(f"{type(self).__name__} must implement measure(index)")
 
     def predict_step(self, batch: list[int], batch_idx: int, dataloader_idx: int = 0) -> list[SampleRecord]:
         return [self.measure(int(i)) for i in batch]

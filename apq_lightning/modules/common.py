@@ -134,7 +134,7 @@ class DistilledTraining(L.LightningModule):
 
     def trained_network(self) -> nn.Module:
         """The network that is optimised (and converted to channels_last)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say which network it trains (trained_network)")
 
     def check_shared_hparams(self) -> None:
         """Refuse bad shared settings at construction (messages name the argument)."""
