@@ -46,6 +46,8 @@ class Preset:
     baseline_bits: str = "8,4"
     data: tuple[str, ...] = ()  # extra options naming the dataset, per LightningCLI command
     finetune_args: tuple[str, ...] = field(default_factory=tuple)
+    collect_fp_args: tuple[str, ...] = ()  # per-stage overrides of the recipes (the preset's sizing)
+    collect_mp_args: tuple[str, ...] = ()
 
     def run(self, recipe: str) -> Path:
         """The run directory of a recipe (its ``trainer.default_root_dir``)."""
@@ -60,11 +62,15 @@ PRESETS: dict[str, Preset] = {
         "recipes/predictor_fp_tiny.yaml", "recipes/predictor_mp_tiny.yaml", "recipes/finetune_tiny.yaml",
         budgets=(0.45, 0.6), fp_samples=200, mp_samples=40, generations=100,
     ),
-    # CIFAR-10, apq_cifar: sized for 2 CPU cores (see docs/results/cifar10.md for the plan).
+    # CIFAR-10, apq_cifar: sized for 2 CPU cores, about 3 hours in all (docs/results/cifar10.md):
+    # a 13-epoch supernet (~70 min), 800 FP samples on 2,000 held-out images (~2 s each), 200 MP
+    # samples with 30 QAT steps each (~11 s), and 300-step QAT finetunes (~3 min each).
     "cifar": Preset(
         "cifar", "recipes/supernet_cifar.yaml", "recipes/collect_fp.yaml", "recipes/collect_mp.yaml",
-        "recipes/predictor_fp.yaml", "recipes/predictor_mp.yaml", "recipes/finetune.yaml",
-        budgets=(0.35, 0.5), fp_samples=2000, mp_samples=400, generations=500,
+        "recipes/predictor_fp.yaml", "recipes/predictor_mp.yaml", "recipes/finetune_short.yaml",
+        budgets=(0.35, 0.5), fp_samples=800, mp_samples=200, generations=500, baseline_bits="8,6,4",
+        collect_fp_args=("--model.init_args.eval_images", "2000"),
+        collect_mp_args=("--model.init_args.qat_steps", "30"),
     ),
 }
 
@@ -104,10 +110,10 @@ def run_pipeline(p: Preset, out: Path, data: list[str]) -> dict[str, float]:
 
     stage("1 supernet", ["fit", "--config", p.supernet, *data, "--ckpt_path", "last"])
     stage("2 FP samples", ["predict", "--config", p.collect_fp, *data, "--model.init_args.supernet_ckpt",
-                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.fp_samples)])
+                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.fp_samples), *p.collect_fp_args])
     stage("3 FP predictor", ["fit", "--config", p.predictor_fp, "--ckpt_path", "last"])
     stage("4 MP samples", ["predict", "--config", p.collect_mp, *data, "--model.init_args.supernet_ckpt",
-                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.mp_samples)])
+                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.mp_samples), *p.collect_mp_args])
     stage("5 MP predictor", ["fit", "--config", p.predictor_mp, "--model.init_args.transfer_from", str(fp_ckpt),
                              "--ckpt_path", "last"])
     searches = []
