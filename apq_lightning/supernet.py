@@ -19,8 +19,10 @@ set from the subnet's policy, which the quantization package fills in.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -297,29 +299,76 @@ CHECKPOINT_PREFIX = "supernet."
 """Prefix of the supernet's entries in a ``SupernetModule`` checkpoint's state dict."""
 
 
-def load_supernet(path: str, map_location: str | torch.device = "cpu") -> Supernet:
-    """The supernet of a stage-1 checkpoint (``.ckpt`` of ``SupernetModule``), loaded safely.
+WEIGHTS_FORMAT = "apq-supernet-weights/1"
+"""``format`` tag of a weights-only supernet file (:func:`export_supernet_weights`)."""
 
-    Reads the Lightning checkpoint as data (``weights_only=True``): its hyperparameters
-    ``space``, ``num_classes`` and ``dropout`` and the ``supernet.*`` entries of its state dict.
-    Any file that is not one (truncated, empty, text, a bare tensor, pickled code, another
+
+def supernet_contents(ckpt: dict) -> tuple[object, object, str]:
+    """(hyperparameters, state dict, key prefix) of a loaded checkpoint or weights-only file.
+
+    Both kinds name ``space`` / ``num_classes`` / ``dropout``: a ``SupernetModule`` checkpoint
+    under ``hyper_parameters`` (state keys prefixed ``supernet.``), a weights file at its top.
+    """
+    if ckpt.get("format") == WEIGHTS_FORMAT:
+        return ckpt, ckpt.get("state_dict"), ""
+    return ckpt.get("hyper_parameters"), ckpt.get("state_dict"), CHECKPOINT_PREFIX
+
+
+def load_supernet(path: str, map_location: str | torch.device = "cpu") -> Supernet:
+    """The supernet of a stage-1 checkpoint or of a weights-only supernet file, loaded safely.
+
+    Two kinds of file are accepted, both read as data (``weights_only=True``):
+
+    * a Lightning checkpoint of ``SupernetModule`` (``last.ckpt``): its hyperparameters
+      ``space``, ``num_classes`` and ``dropout`` and the ``supernet.*`` entries of its state dict;
+    * a weights-only file written by :func:`export_supernet_weights` (``apq export-supernet``),
+      e.g. the trained ``apq_cifar`` supernet shipped in ``weights/``: the same three values and
+      the supernet's state dict, possibly in float16 (cast back to float32 here).
+
+    Any file that is neither (truncated, empty, text, a bare tensor, pickled code, another
     module's checkpoint) is a one-line ``ValueError`` naming it (``FileNotFoundError`` when
     missing).
     """
     ckpt = read_torch_file(path, "checkpoint", map_location=map_location)
-    h = ckpt.get("hyper_parameters")
+    h, state, prefix = supernet_contents(ckpt)
     hparams_ok = isinstance(h, dict) and {"space", "num_classes"} <= set(h)
-    if not isinstance(ckpt.get("state_dict"), dict) or not hparams_ok:
-        raise ValueError(f"{path}: not a SupernetModule checkpoint (needs 'state_dict' and hyper_parameters "
-                         f"'space' and 'num_classes')")
-    prefix = CHECKPOINT_PREFIX
+    if not isinstance(state, dict) or not hparams_ok:
+        raise ValueError(f"{path}: not a SupernetModule checkpoint nor a supernet weights file (needs "
+                         f"'state_dict' and 'space' and 'num_classes')")
     try:
         net = Supernet(h["space"], h["num_classes"], h.get("dropout", 0.0))
-        net.load_state_dict({k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)})
-    except (ValueError, TypeError, RuntimeError) as err:
+        weights = {k[len(prefix) :]: v.float() if v.is_floating_point() else v
+                   for k, v in state.items() if k.startswith(prefix)}
+        net.load_state_dict(weights)
+    except (ValueError, TypeError, RuntimeError, AttributeError) as err:
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise ValueError(f"{path}: damaged SupernetModule checkpoint ({detail})") from None
+        kind = "supernet weights file" if prefix == "" else "SupernetModule checkpoint"
+        raise ValueError(f"{path}: damaged {kind} ({detail})") from None
     return net
+
+
+def export_supernet_weights(ckpt: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the supernet of a stage-1 checkpoint as a small weights-only file, atomically.
+
+    Why: a Lightning checkpoint carries optimizer state, the teacher and loop state (about 3x
+    the weights); later stages need only the supernet. The file holds plain data (``format``,
+    ``space``, ``num_classes``, ``dropout`` and a state dict whose floating tensors are in
+    ``dtype``); :func:`load_supernet` reads it like a checkpoint. float16 halves the size; the
+    rounding (relative 5e-4) is far below what BN recalibration and QAT change.
+    """
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {dtype}: allowed float16, bfloat16, float32")
+    net = load_supernet(str(ckpt))  # validates the checkpoint
+    h, _, _ = supernet_contents(read_torch_file(ckpt, "checkpoint"))
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    payload = {"format": WEIGHTS_FORMAT, "space": net.space.name, "num_classes": int(net.num_classes),
+               "dropout": float(h.get("dropout", 0.0)), "state_dict": state}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, out)
+    return out
 
 
 # --------------------------------------------------------------------------------------

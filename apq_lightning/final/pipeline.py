@@ -36,6 +36,7 @@ import torch
 from apq_lightning.final.report import append_row, write_json
 from apq_lightning.hardware import get_cost_model
 from apq_lightning.space import Subnet, get_space, save_subnets
+from apq_lightning.supernet import supernet_contents
 from apq_lightning.torch_io import read_torch_file
 
 RECIPE_GROUPS: tuple[str, ...] = ("--trainer.", "--model.", "--data.", "--seed_everything")
@@ -117,10 +118,10 @@ def supernet_space(path: str | Path) -> tuple[str, int]:
         ckpt = read_torch_file(p, "supernet checkpoint", mmap=True)
     except ValueError as err:
         raise FinalInputError(str(err)) from None
-    h = ckpt.get("hyper_parameters")
+    h, _, _ = supernet_contents(ckpt)
     if not isinstance(h, dict) or "space" not in h or "num_classes" not in h:
-        raise FinalInputError(f"supernet checkpoint {p} is not a SupernetModule checkpoint (no hyper_parameters "
-                              f"'space' / 'num_classes')")
+        raise FinalInputError(f"supernet checkpoint {p} is not a SupernetModule checkpoint nor a supernet weights "
+                              f"file (no 'space' / 'num_classes')")
     return str(h["space"]), int(h["num_classes"])
 
 
