@@ -24,8 +24,11 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 
 @dataclass(frozen=True)
@@ -44,14 +47,43 @@ class Preset:
     mp_samples: int
     generations: int
     baseline_bits: str = "8,4"
-    data: tuple[str, ...] = ()  # extra options naming the dataset, per LightningCLI command
-    finetune_args: tuple[str, ...] = field(default_factory=tuple)
-    collect_fp_args: tuple[str, ...] = ()  # per-stage overrides of the recipes (the preset's sizing)
-    collect_mp_args: tuple[str, ...] = ()
+    # Per-stage options appended to a stage's command (the preset's sizing of a recipe), keyed by
+    # supernet / collect_fp / collect_mp / predictor_fp / predictor_mp / finetune / transfer_study.
+    overrides: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # The predictor-transfer study (APQ Fig. 7) on this run's stores: sizes, seeds, epochs.
+    transfer_sizes: str = "8,16,all"
+    transfer_seeds: str = "0,1"
+    transfer_epochs: int = 60
 
-    def run(self, recipe: str) -> Path:
-        """The run directory of a recipe (its ``trainer.default_root_dir``)."""
-        return Path("runs") / Path(recipe).stem
+    def args(self, stage: str) -> tuple[str, ...]:
+        if stage not in STAGE_KEYS:
+            raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGE_KEYS)}")
+        return tuple(self.overrides.get(stage, ()))
+
+    def recipe(self, stage: str) -> str:
+        """The recipe file of a stage: relative to the working directory, else to the repository."""
+        path = Path(getattr(self, stage))
+        if path.is_absolute() or path.is_file() or not (REPO / path).is_file():
+            return str(path)
+        return str(REPO / path)
+
+    def run(self, stage: str) -> Path:
+        """The run directory of a stage's recipe (its ``trainer.default_root_dir``)."""
+        cfg = yaml.safe_load(Path(self.recipe(stage)).read_text()) or {}
+        root = (cfg.get("trainer") or {}).get("default_root_dir")
+        if not root:
+            raise ValueError(f"{self.recipe(stage)}: the recipe names no trainer.default_root_dir")
+        return Path(root)
+
+    def stores(self, stage: str) -> list[str]:
+        """The sample stores a predictor recipe trains on (its ``data.init_args.stores``)."""
+        cfg = yaml.safe_load(Path(self.recipe(stage)).read_text()) or {}
+        stores = ((cfg.get("data") or {}).get("init_args") or {}).get("stores")
+        return [stores] if isinstance(stores, str) else list(stores or [])
+
+
+STAGE_KEYS = ("supernet", "collect_fp", "collect_mp", "predictor_fp", "predictor_mp", "finetune", "transfer_study")
+REPO = Path(__file__).resolve().parents[1]
 
 
 PRESETS: dict[str, Preset] = {
@@ -69,8 +101,9 @@ PRESETS: dict[str, Preset] = {
         "cifar", "recipes/supernet_cifar.yaml", "recipes/collect_fp.yaml", "recipes/collect_mp.yaml",
         "recipes/predictor_fp.yaml", "recipes/predictor_mp.yaml", "recipes/finetune_short.yaml",
         budgets=(0.35, 0.5), fp_samples=800, mp_samples=200, generations=500, baseline_bits="8,6,4",
-        collect_fp_args=("--model.init_args.eval_images", "2000"),
-        collect_mp_args=("--model.init_args.qat_steps", "30"),
+        overrides={"collect_fp": ("--model.init_args.eval_images", "2000"),
+                   "collect_mp": ("--model.init_args.qat_steps", "30")},
+        transfer_sizes="25,50,100,all", transfer_seeds="0,1,2", transfer_epochs=150,
     ),
 }
 
@@ -93,29 +126,51 @@ def _budget_name(ms: float) -> str:
     return f"latency_ms={ms:g}"
 
 
-def run_pipeline(p: Preset, out: Path, data: list[str]) -> dict[str, float]:
-    """Run the seven stages; returns the wall time of each (seconds)."""
+def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = None) -> dict[str, float]:
+    """Run the seven stages (and the transfer study); returns the wall time of each (seconds).
+
+    ``supernet``: a trained supernet (stage-1 checkpoint or weights-only file, e.g. the shipped
+    ``weights/apq_cifar_supernet.pt``) to start from at stage 2; ``None`` trains stage 1.
+    """
     log = out / "pipeline.log"
     times: dict[str, float] = {}
-    supernet_ckpt = p.run(p.supernet) / "checkpoints" / "last.ckpt"
-    fp_ckpt = p.run(p.predictor_fp) / "checkpoints" / "last.ckpt"
-    mp_ckpt = p.run(p.predictor_mp) / "checkpoints" / "last.ckpt"
+    supernet_ckpt = Path(supernet) if supernet else p.run("supernet") / "checkpoints" / "last.ckpt"
+    fp_ckpt = p.run("predictor_fp") / "checkpoints" / "last.ckpt"
+    mp_ckpt = p.run("predictor_mp") / "checkpoints" / "last.ckpt"
+
+    ledger = out / "stage_times.json"  # wall seconds per stage, added up over reruns (resumed chunks)
 
     def stage(name: str, *commands: list[str]) -> None:
         t = time.perf_counter()
         for c in commands:
             _apq(c, log)
         times[name] = time.perf_counter() - t
+        total = json.loads(ledger.read_text()) if ledger.is_file() else {}
+        total[name] = total.get(name, 0.0) + times[name]
+        ledger.write_text(json.dumps(total, indent=1))
         print(f"== stage {name}: {times[name]:.0f} s", flush=True)
 
-    stage("1 supernet", ["fit", "--config", p.supernet, *data, "--ckpt_path", "last"])
-    stage("2 FP samples", ["predict", "--config", p.collect_fp, *data, "--model.init_args.supernet_ckpt",
-                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.fp_samples), *p.collect_fp_args])
-    stage("3 FP predictor", ["fit", "--config", p.predictor_fp, "--ckpt_path", "last"])
-    stage("4 MP samples", ["predict", "--config", p.collect_mp, *data, "--model.init_args.supernet_ckpt",
-                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.mp_samples), *p.collect_mp_args])
-    stage("5 MP predictor", ["fit", "--config", p.predictor_mp, "--model.init_args.transfer_from", str(fp_ckpt),
-                             "--ckpt_path", "last"])
+    if supernet is None:
+        stage("1 supernet", ["fit", "--config", p.recipe("supernet"), *data, "--ckpt_path", "last",
+                             *p.args("supernet")])
+    elif not supernet_ckpt.is_file():
+        raise SystemExit(f"--supernet {supernet}: no such file (a stage-1 checkpoint or supernet weights file)")
+    stage("2 FP samples", ["predict", "--config", p.recipe("collect_fp"), *data, "--model.init_args.supernet_ckpt",
+                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.fp_samples),
+                           *p.args("collect_fp")])
+    stage("3 FP predictor", ["fit", "--config", p.recipe("predictor_fp"), "--ckpt_path", "last",
+                             *p.args("predictor_fp")])
+    stage("4 MP samples", ["predict", "--config", p.recipe("collect_mp"), *data, "--model.init_args.supernet_ckpt",
+                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.mp_samples),
+                           *p.args("collect_mp")])
+    stage("5 MP predictor", ["fit", "--config", p.recipe("predictor_mp"), "--model.init_args.transfer_from",
+                             str(fp_ckpt), "--ckpt_path", "last", *p.args("predictor_mp")])
+    study = out / "transfer_study"
+    if not (study / "transfer_study.json").is_file():
+        stage("5b transfer study", ["transfer-study", "--fp-stores", *p.stores("predictor_fp"), "--mp-stores",
+                                    *p.stores("predictor_mp"), "--sizes", p.transfer_sizes, "--seeds",
+                                    p.transfer_seeds, "--epochs", str(p.transfer_epochs), "--out", str(study),
+                                    *p.args("transfer_study")])
     searches = []
     for ms in p.budgets:
         res = out / "search" / f"{_budget_name(ms)}.json"
@@ -125,20 +180,23 @@ def run_pipeline(p: Preset, out: Path, data: list[str]) -> dict[str, float]:
                 "search", "--predictor", str(mp_ckpt), "--hardware", "bitfusion", "--constraint", _budget_name(ms),
                 "--generations", str(p.generations), "--seed", "0", "--out", str(res),
                 "--plot", str(res.with_suffix(".png"))])
+    finetune = [*data, *p.args("finetune")]
     for ms, res in searches:
         stage(f"7 final {_budget_name(ms)}", ["final", "--search", str(res), "--supernet", str(supernet_ckpt),
-                                             "--recipe", p.finetune, "--out", str(out / "final" / _budget_name(ms)),
-                                             "--table", str(out / "final" / "report"), *data, *p.finetune_args])
-    ms0 = p.budgets[0]
-    common = ["--fp-predictor", str(fp_ckpt), "--mp-predictor", str(mp_ckpt), "--hardware", "bitfusion",
-              "--constraint", _budget_name(ms0), "--generations", str(p.generations)]
-    # Fixed precision is finetuned like APQ's subnets (achieved accuracy); the sequential pipeline
-    # and random search are compared on predicted accuracy (finetune them with `apq baselines --finetune`).
-    stage(f"baselines {_budget_name(ms0)}",
-          ["baselines", *common, "--methods", "fp-search", "--bits", p.baseline_bits, "--out", str(out / "baselines"),
-           "--finetune", "--supernet", str(supernet_ckpt), "--recipe", p.finetune, *data, *p.finetune_args],
-          ["baselines", *common, "--methods", "largest,sequential,random", "--bits", p.baseline_bits,
-           "--out", str(out / "baselines_predicted")])
+                                             "--recipe", p.recipe("finetune"), "--out",
+                                             str(out / "final" / _budget_name(ms)),
+                                             "--table", str(out / "final" / "report"), *finetune])
+    for ms in p.budgets:
+        common = ["--fp-predictor", str(fp_ckpt), "--mp-predictor", str(mp_ckpt), "--hardware", "bitfusion",
+                  "--constraint", _budget_name(ms), "--generations", str(p.generations)]
+        # Fixed precision and the sequential pipeline are finetuned like APQ's subnets (achieved
+        # accuracy); the largest subnet and random search are compared on predicted accuracy.
+        stage(f"baselines {_budget_name(ms)}",
+              ["baselines", *common, "--methods", "fp-search,sequential", "--bits", p.baseline_bits,
+               "--out", str(out / "baselines" / _budget_name(ms)), "--finetune", "--supernet", str(supernet_ckpt),
+               "--recipe", p.recipe("finetune"), *finetune],
+              ["baselines", *common, "--methods", "largest,random", "--bits", p.baseline_bits,
+               "--out", str(out / "baselines_predicted" / _budget_name(ms))])
     return times
 
 
@@ -151,9 +209,9 @@ def _fmt(v: object, digits: int = 3) -> str:
 
 
 def results_table(p: Preset, out: Path) -> str:
-    """Markdown: APQ's searched subnets per budget, then the baselines under the first budget."""
+    """Markdown: under each budget, APQ's searched subnet, then the baselines under that budget."""
     head = ("| method | budget | predicted top-1 | achieved top-1 (after QAT) | latency ms | energy mJ | GBitOps | "
-            "size kB |\n|---|---|---|---|---|---|---|---|")
+            "size kB | search s |\n|---|---|---|---|---|---|---|---|---|")
     rows = []
     for ms in p.budgets:
         f = out / "final" / _budget_name(ms) / "final.json"
@@ -161,14 +219,14 @@ def results_table(p: Preset, out: Path) -> str:
             r = json.loads(f.read_text())
             r = r.get("row", r)
             rows.append(_row("APQ (joint search)", ms, r.get("predicted_acc"), r.get("top1"), r))
-    for name in ("baselines", "baselines_predicted"):
-        b = out / name / "baselines.json"
-        if not b.is_file():
-            continue
-        for r in json.loads(b.read_text()).get("rows", []):
-            if r.get("method") == "apq":
+        for name in ("baselines", "baselines_predicted"):
+            b = out / name / _budget_name(ms) / "baselines.json"
+            if not b.is_file():
                 continue
-            rows.append(_row(r.get("method", "?"), p.budgets[0], r.get("predicted_acc"), r.get("achieved_acc"), r))
+            for r in json.loads(b.read_text()).get("rows", []):
+                if r.get("method") == "apq":
+                    continue
+                rows.append(_row(r.get("method", "?"), ms, r.get("predicted_acc"), r.get("achieved_acc"), r))
     return "\n".join([head, *rows])
 
 
@@ -177,16 +235,17 @@ def _row(method: str, ms: float, pred: object, achieved: object, r: dict) -> str
     size = r.get("size_bytes")
     within = r.get("within_budget", True)
     budget = f"{ms:g} ms" + ("" if within in (True, None) else " (over)")
+    search = r.get("search_wall_time_s")
     return (f"| {method} | {budget} | {_fmt(pred)} | {_fmt(achieved)} | {_fmt(r.get('latency_ms'))} | "
             f"{_fmt(r.get('energy_mJ'))} | {_fmt(bitops / 1e9 if bitops else None)} | "
-            f"{_fmt(size / 1e3 if size else None, 1)} |")
+            f"{_fmt(size / 1e3 if size else None, 1)} | {_fmt(float(search) if search else None, 2)} |")
 
 
 def collect_plots(p: Preset, out: Path) -> Path:
     """Copy every stage's PNG into ``<out>/plots`` (one folder to look at)."""
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    sources = [p.run(r) for r in (p.supernet, p.predictor_fp, p.predictor_mp)] + [out]
+    sources = [p.run(stage) for stage in ("supernet", "predictor_fp", "predictor_mp")] + [out]
     for src in sources:
         for png in src.rglob("*.png"):
             if plots in png.parents:
@@ -203,23 +262,36 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="dataset archive/tree for the cifar preset (--data.init_args.root)")
     ap.add_argument("--out", default=None,
                     help="folder of the search results, reports and plots (runs/pipeline_<preset>)")
+    ap.add_argument("--supernet", default=None,
+                    help="start at stage 2 from this trained supernet (a stage-1 checkpoint or a weights file such "
+                         "as weights/apq_cifar_supernet.pt) instead of training stage 1")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     if p.name != "tiny" and not args.data:
         ap.error(f"--preset {p.name} needs --data PATH (an ImageFolder tree or .tar.gz of CIFAR-10)")
     data = ["--data.init_args.root", str(Path(args.data).resolve())] if args.data else []
     out = Path(args.out or f"runs/pipeline_{p.name}")
-    t0 = time.perf_counter()
-    times = run_pipeline(p, out, data)
+    report = run_all(p, out, data, args.supernet)
+    print("\n" + report.read_text(), flush=True)
+    return 0
+
+
+def run_all(p: Preset, out: Path, data: list[str], supernet: str | None = None) -> Path:
+    """The pipeline, its results table and its plots folder; returns ``<out>/results.md``.
+
+    The wall time of every stage is added up over reruns in ``<out>/stage_times.json``, so a
+    pipeline run in several resumed chunks still reports what each stage cost in all.
+    """
+    times = run_pipeline(p, out, data, supernet)
     table = results_table(p, out)
     plots = collect_plots(p, out)
-    total = time.perf_counter() - t0
-    stage_lines = "\n".join(f"| {k} | {v:.0f} |" for k, v in times.items())
-    report = (f"# APQ pipeline, preset {p.name}\n\n{table}\n\nWall time per stage (s):\n\n"
-              f"| stage | s |\n|---|---|\n{stage_lines}\n\nTotal {total:.0f} s. Plots: {plots}/\n")
+    total_times = json.loads((out / "stage_times.json").read_text())
+    stage_lines = "\n".join(f"| {k} | {times[k]:.0f} | {total_times[k]:.0f} |" for k in times)
+    report = (f"# APQ pipeline, preset {p.name}\n\n{table}\n\nWall time per stage (s): this run, and all runs "
+              f"of this folder together (resumed chunks):\n\n| stage | this run | all runs |\n|---|---|---|\n"
+              f"{stage_lines}\n\nThis run {sum(times.values()):.0f} s. Plots: {plots}/\n")
     (out / "results.md").write_text(report)
-    print("\n" + report, flush=True)
-    return 0
+    return out / "results.md"
 
 
 if __name__ == "__main__":
