@@ -79,6 +79,7 @@ COMMANDS: dict[str, str] = {
     "search": "search subnets under hardware budgets with an accuracy predictor",
     "final": "finetune a searched subnet, test it, export it (+ ONNX) and report it (stage 7)",
     "baselines": "fixed-precision, sequential and random-search baselines under the same budget",
+    "transfer-study": "MP predictor from the FP one vs. from scratch at growing MP sample counts (APQ Fig. 7)",
 }
 """Every command of ``apq``, with its one-line description (the help lists them in this order)."""
 
@@ -131,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
         search_main = getattr(search_command, "search_main", None) or search_command.main
         return search_main(args[1:])
+    if command == "transfer-study":
+        from apq_lightning import transfer_study
+
+        return transfer_study.main(args[1:])
     if command in ("final", "baselines"):
         from apq_lightning.final import command as final_command
 
