@@ -79,6 +79,7 @@ COMMANDS: dict[str, str] = {
     "search": "search subnets under hardware budgets with an accuracy predictor",
     "final": "finetune a searched subnet, test it, export it (+ ONNX) and report it (stage 7)",
     "baselines": "fixed-precision, sequential and random-search baselines under the same budget",
+    "export-supernet": "a trained supernet as one small weights-only file (later stages start from it)",
     "transfer-study": "MP predictor from the FP one vs. from scratch at growing MP sample counts (APQ Fig. 7)",
 }
 """Every command of ``apq``, with its one-line description (the help lists them in this order)."""
@@ -117,6 +118,31 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def export_supernet_main(argv: list[str]) -> int:
+    """``apq export-supernet CKPT OUT``: the supernet of a stage-1 checkpoint, weights only."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="apq export-supernet", description="Write the supernet of a stage-1 "
+                                 "checkpoint as one weights-only file (no optimizer, teacher or loop state) that "
+                                 "every later stage accepts where it takes a supernet checkpoint.")
+    ap.add_argument("ckpt", help="stage-1 checkpoint, e.g. runs/supernet_cifar/checkpoints/last.ckpt")
+    ap.add_argument("out", help="the weights file to write, e.g. weights/apq_cifar_supernet.pt")
+    ap.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                    help="storage type of the weights (float16: half the size; loaded back as float32)")
+    args = ap.parse_args(argv)
+    import torch
+
+    from apq_lightning.supernet import export_supernet_weights
+
+    try:
+        out = export_supernet_weights(args.ckpt, args.out, getattr(torch, args.dtype))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"export-supernet: {err}", file=sys.stderr)
+        return 2
+    print(f"{out}: {out.stat().st_size / 1e6:.2f} MB ({args.dtype})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -132,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 
         search_main = getattr(search_command, "search_main", None) or search_command.main
         return search_main(args[1:])
+    if command == "export-supernet":
+        return export_supernet_main(args[1:])
     if command == "transfer-study":
         from apq_lightning import transfer_study
 

@@ -68,3 +68,14 @@ def test_damaged_weights_file_is_named(tmp_path):
                tmp_path / "w.pt")
     with pytest.raises(ValueError, match=r"w.pt: damaged supernet weights file \(Error\(s\) in loading"):
         load_supernet(str(tmp_path / "w.pt"))
+
+
+def test_export_command(tmp_path, capsys):
+    from apq_lightning.cli import main
+
+    _trained_like_checkpoint(tmp_path / "last.ckpt")
+    assert main(["export-supernet", str(tmp_path / "last.ckpt"), str(tmp_path / "w.pt")]) == 0
+    assert "w.pt" in capsys.readouterr().out and load_supernet(str(tmp_path / "w.pt")).space.name == "tiny"
+    assert main(["export-supernet", str(tmp_path / "nope.ckpt"), str(tmp_path / "x.pt")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("export-supernet: checkpoint") and "nope.ckpt not found" in err and err.count("\n") == 1

@@ -25,7 +25,8 @@ from apq_lightning.final.pipeline import FinalInputError, FinalSettings, FinalTa
 
 def _add_final_options(p: argparse.ArgumentParser, required: bool) -> None:
     """Options shared by ``final`` and ``baselines --finetune``."""
-    p.add_argument("--supernet", required=required, help="stage-1 supernet checkpoint (SupernetModule .ckpt) or supernet weights file (apq export-supernet)")
+    p.add_argument("--supernet", required=required, help="stage-1 supernet checkpoint (SupernetModule .ckpt) or "
+                   "supernet weights file (apq export-supernet)")
     p.add_argument("--recipe", required=required, help="finetune recipe: recipes/finetune.yaml (CIFAR-10, the long "
                    "schedule), recipes/finetune_tiny.yaml (tiny space, digits)")
     p.add_argument("--weights", choices=("last", "best"), default="last", help="test and export the weights at the "
