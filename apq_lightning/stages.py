@@ -236,7 +236,10 @@ def _row(method: str, ms: float, pred: object, achieved: object, r: dict) -> str
     bitops = r.get("bitops")
     size = r.get("size_bytes")
     within = r.get("within_budget", True)
-    budget = f"{ms:g} ms" + ("" if within in (True, None) else " (over)")
+    if r.get("feasible") is False:
+        budget = f"{ms:g} ms (not runnable)"
+    else:
+        budget = f"{ms:g} ms" + ("" if within in (True, None) else " (over)")
     search = r.get("search_wall_time_s")
     return (f"| {method} | {budget} | {_fmt(pred)} | {_fmt(achieved)} | {_fmt(r.get('latency_ms'))} | "
             f"{_fmt(r.get('energy_mJ'))} | {_fmt(bitops / 1e9 if bitops else None)} | "
