@@ -90,6 +90,7 @@ PIPELINE: tuple[tuple[str, str], ...] = (
     ("3 FP accuracy predictor", "fit --config recipes/predictor_fp{_tiny,}.yaml"),
     ("4 MP samples: quantize + short QAT", "predict --config recipes/collect_mp{_tiny,}.yaml"),
     ("5 MP predictor, transfer from stage 3", "fit --config recipes/predictor_mp{_tiny,}.yaml"),
+    ("  transfer vs. scratch (APQ Fig. 7)", "transfer-study --fp-stores FP --mp-stores MP --out DIR"),
     ("6 search under hardware budgets", "search --predictor CKPT --constraint latency_ms=V"),
     ("7 final model of the winner + report", "final --search RESULT --supernet CKPT --recipe recipes/finetune.yaml"),
     ("  baselines of the paper's claims", "baselines --fp-predictor FP --mp-predictor MP --constraint latency_ms=V"),
