@@ -435,6 +435,15 @@ def plot(cells: list[dict], losses: list[str], info: dict, path: Path) -> None:
 
 
 # ---- the study -------------------------------------------------------------------------------
+def _module(config: TransferStudyConfig, space: str, quantized: bool, loss: str, y: torch.Tensor) -> PredictorModule:
+    """A fresh predictor module of the study's shape; its bias starts at the training mean."""
+    from apq_lightning.modules import PredictorModule
+
+    return PredictorModule(space=space, quantized=quantized, hidden=config.hidden, num_layers=config.num_layers,
+                           lr=config.lr, weight_decay=config.weight_decay, loss=loss,
+                           base_acc=float(y.double().mean()))
+
+
 def run_study(config: TransferStudyConfig, progress: bool = True, echo: Callable[[str], None] | None = None) -> dict:
     """Run the study of ``config``, write its outputs (:data:`OUTPUTS`) and return the result JSON.
 
@@ -471,7 +480,6 @@ def _run(config: TransferStudyConfig, out: Path, progress: bool, echo: Callable[
     import torch
     from tqdm.auto import tqdm
 
-    from apq_lightning.modules import PredictorModule
 
     say = echo or tqdm.write
     t0 = time.perf_counter()
@@ -500,16 +508,7 @@ def _run(config: TransferStudyConfig, out: Path, progress: bool, echo: Callable[
     # FP predictor, once
     torch.manual_seed(config.fp_seed)
     fp_epochs = config.fp_epochs if config.fp_epochs is not None else config.epochs
-    fp_mod = PredictorModule(
-        space=space,
-        quantized=False,
-        hidden=config.hidden,
-        num_layers=config.num_layers,
-        lr=config.lr,
-        weight_decay=config.weight_decay,
-        loss="mse",
-        base_acc=float(fp_data["train"][1].double().mean()),
-    )
+    fp_mod = _module(config, space, False, "mse", fp_data["train"][1])
     t = time.perf_counter()
     train_predictor(fp_mod, *fp_data["train"], epochs=fp_epochs, batch_size=config.batch_size, seed=config.fp_seed)
     fp_pred = fp_mod.predictor
@@ -542,16 +541,7 @@ def _run(config: TransferStudyConfig, out: Path, progress: bool, echo: Callable[
                 for loss in config.losses:
                     for init in INITS:
                         torch.manual_seed(seed)
-                        mod = PredictorModule(
-                            space=space,
-                            quantized=True,
-                            hidden=config.hidden,
-                            num_layers=config.num_layers,
-                            lr=config.lr,
-                            weight_decay=config.weight_decay,
-                            loss=loss,
-                            base_acc=float(y_tr.double().mean()),
-                        )
+                        mod = _module(config, space, True, loss, y_tr)
                         if init == "transfer":
                             mod.predictor.transfer_from(fp_pred)  # regressor bias: the FP predictor's
                         t = time.perf_counter()
