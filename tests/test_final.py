@@ -22,7 +22,7 @@ from apq_lightning.hardware import get_cost_model
 from apq_lightning.modules import QATModule
 from apq_lightning.predictor import AccuracyPredictor
 from apq_lightning.quant import load_quantized, quantize_subnet
-from apq_lightning.quant.onnx_export import check_onnx, export_onnx
+from apq_lightning.quant.onnx_export import check_onnx, export_onnx, onnx_verdict
 from apq_lightning.search import Budget, SearchSettings, prepare, run
 from apq_lightning.search.baselines import Baselines, BaselineSettings, genomes_equal_on, hold
 from apq_lightning.space import Subnet, get_space, save_subnets
@@ -174,6 +174,30 @@ def test_onnx_export_of_a_mixed_policy_uses_qdq_pairs_with_clips(tmp_path, per_c
     assert ops.count("Clip") >= ops.count("QuantizeLinear") // 2  # 4-bit ranges are narrower than int8
     check = check_onnx(path, model, x)
     assert check.ok, str(check)
+    # A file that is not this model's graph (here: the model's logits are 1.5x the file's) fails.
+    wrong = check_onnx(path, torch.nn.Sequential(model, _Scale(1.5)), x, atol=0.0, rtol=0.05)  # logits ~1e-4 here
+    assert not wrong.ok and wrong.within_fraction < 0.5, str(wrong)
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def test_onnx_verdict_tolerates_a_rare_flip_not_a_wrong_graph():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(64, 10)).astype(np.float32) * 3
+    assert onnx_verdict(ref.copy(), ref, 1e-4, 0.05, 0.9)[3]
+    flipped = ref.copy()
+    flipped[5] += 0.6 * np.abs(ref).max()  # one image past the tolerance: a rounding-tie flip deep in the net
+    diff, tol, within, ok = onnx_verdict(flipped, ref, 1e-4, 0.05, 0.9)
+    assert ok and diff > tol and within == pytest.approx(63 / 64)
+    wrong = ref + rng.normal(size=ref.shape).astype(np.float32)  # every image off: a wrong graph
+    assert not onnx_verdict(wrong, ref, 1e-4, 0.05, 0.9)[3]
 
 
 def _final_error(args: list[str], capsys) -> str:

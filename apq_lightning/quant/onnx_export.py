@@ -166,6 +166,7 @@ class OnnxCheck:
     quantize_linear: int  # QuantizeLinear nodes in the graph
     dequantize_linear: int
     ok: bool
+    within_fraction: float = 1.0  # share of images whose every logit is within the tolerance
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,15 +174,17 @@ class OnnxCheck:
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "MISMATCH"
         return (f"ONNX vs PyTorch on {self.batch} images: max abs diff {self.max_abs_diff:.3g} (tolerance "
-                f"{self.tolerance:.3g}), top-1 agreement {self.top1_agreement:.4f}, {self.quantize_linear} "
+                f"{self.tolerance:.3g}; {self.within_fraction:.1%} of images within it), top-1 agreement "
+                f"{self.top1_agreement:.4f}, {self.quantize_linear} "
                 f"QuantizeLinear / {self.dequantize_linear} DequantizeLinear -- {verdict}")
 
 
 @torch.no_grad()
 def check_onnx(path: str | Path, model: nn.Module, batch: Tensor, atol: float = 1e-4,
-               rtol: float = 1e-2) -> OnnxCheck:
+               rtol: float = 1e-2, min_within: float = 0.9) -> OnnxCheck:
     """Run the ONNX file with ONNX Runtime (CPU) and ``model`` (eval, CPU) on ``batch``; ``ok`` when
-    ``max |onnx - torch| <= atol + rtol * max |torch|`` (see the module doc for why not exact)."""
+    at least ``min_within`` of the images have ``max |onnx - torch| <= atol + rtol * max |torch|``
+    (see :func:`onnx_verdict` and the module doc for why not exact)."""
     onnx = _require("onnx")
     ort = _require("onnxruntime")
     x = batch.detach().cpu().float().contiguous()
@@ -190,11 +193,29 @@ def check_onnx(path: str | Path, model: nn.Module, batch: Tensor, atol: float = 
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     if got.shape != reference.shape:
         raise OnnxExportError(f"{path}: ONNX output shape {got.shape} differs from PyTorch's {reference.shape}")
-    diff = float(np.abs(got - reference).max()) if got.size else 0.0
-    tolerance = float(atol + rtol * np.abs(reference).max()) if reference.size else atol
+    diff, tolerance, within, ok = onnx_verdict(got, reference, atol, rtol, min_within)
     agree = float((got.argmax(1) == reference.argmax(1)).mean()) if len(got) else 1.0
     proto = onnx.load(str(path))
     ops = Counter(node.op_type for node in proto.graph.node)
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     return OnnxCheck(str(path), int(opset), len(x), diff, tolerance, agree, ops["QuantizeLinear"],
-                     ops["DequantizeLinear"], diff <= tolerance)
+                     ops["DequantizeLinear"], ok, within)
+
+
+def onnx_verdict(got: np.ndarray, reference: np.ndarray, atol: float, rtol: float,
+                 min_within: float) -> tuple[float, float, float, bool]:
+    """``(max abs diff, tolerance, share of images within it, ok)`` of two runtimes' logits.
+
+    Why per image: a rounding-tie flip (module doc) moves one activation by one quantization
+    step, and deep in a 4-bit network that can move *one image's* logits past any tolerance
+    tight enough to matter, on one machine and not on another (thread count changes the
+    summation order). A wrong graph (a lost clip, the wrong signedness, a missing layer) moves
+    nearly *every* image's logits. So the file passes when at least ``min_within`` of the images
+    agree within ``atol + rtol * max |reference|``; the max diff is still reported.
+    """
+    if not got.size:
+        return 0.0, atol, 1.0, True
+    per_image = np.abs(got - reference).reshape(len(got), -1).max(axis=1)
+    tolerance = float(atol + rtol * np.abs(reference).max())
+    within = float((per_image <= tolerance).mean())
+    return float(per_image.max()), tolerance, within, within >= min_within
