@@ -79,3 +79,19 @@ def test_export_command(tmp_path, capsys):
     assert main(["export-supernet", str(tmp_path / "nope.ckpt"), str(tmp_path / "x.pt")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("export-supernet: checkpoint") and "nope.ckpt not found" in err and err.count("\n") == 1
+
+
+def test_shipped_apq_cifar_weights_load_safely():
+    """The one committed weights file: small, plain data, the apq_cifar supernet."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "weights" / "apq_cifar_supernet.pt"
+    assert path.is_file() and path.stat().st_size <= 3 * 2**20
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == WEIGHTS_FORMAT and raw["space"] == "apq_cifar" and raw["num_classes"] == 10
+    net = load_supernet(str(path)).eval()
+    assert net.space.name == "apq_cifar"
+    assert supernet_space(path) == ("apq_cifar", 10)
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
