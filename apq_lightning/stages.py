@@ -95,14 +95,14 @@ PRESETS: dict[str, Preset] = {
         budgets=(0.45, 0.6), fp_samples=200, mp_samples=40, generations=100,
     ),
     # CIFAR-10, apq_cifar: sized for 2 CPU cores, about 3 hours in all (docs/results/cifar10.md):
-    # a 13-epoch supernet (~70 min), 1000 FP samples on 2,000 held-out images (~1.2 s each), 150 MP
+    # a 13-epoch supernet (~70 min), 800 FP samples on 2,000 held-out images (~1.5 s each), 120 MP
     # samples with 30 QAT steps each (~11 s), and 300-step QAT finetunes (~3 min each). Budgets:
     # about the 5th and 50th percentile of the BitFusion latency of random apq_cifar subnets that
     # BitFusion can run (0.33-1.29 ms; 86% of random mixed-precision subnets cannot: 4-bit 7x7 depthwise).
     "cifar": Preset(
         "cifar", "recipes/supernet_cifar.yaml", "recipes/collect_fp.yaml", "recipes/collect_mp.yaml",
         "recipes/predictor_fp.yaml", "recipes/predictor_mp.yaml", "recipes/finetune_short.yaml",
-        budgets=(0.45, 0.7), fp_samples=1000, mp_samples=150, generations=500, baseline_bits="8,6,4",
+        budgets=(0.45, 0.7), fp_samples=800, mp_samples=120, generations=500, baseline_bits="8,6,4",
         overrides={"collect_fp": ("--model.init_args.eval_images", "2000"),
                    "collect_mp": ("--model.init_args.qat_steps", "30")},
         transfer_sizes="25,50,100,all", transfer_seeds="0,1,2", transfer_epochs=150,
