@@ -95,8 +95,8 @@ PRESETS: dict[str, Preset] = {
         budgets=(0.45, 0.6), fp_samples=200, mp_samples=40, generations=100,
     ),
     # CIFAR-10, apq_cifar: sized for 2 CPU cores, 2 h 10 min measured (docs/results/cifar10.md):
-    # a 13-epoch supernet (~70 min), 800 FP samples on 2,000 held-out images (~1.5 s each), 120 MP
-    # samples with 30 QAT steps each (~11 s), and 300-step QAT finetunes (~3 min each). Budgets:
+    # a 13-epoch supernet (69 min), 800 FP samples on 2,000 held-out images (1.6 s each), 120 MP
+    # samples with 30 QAT steps each (7.6 s), and 300-step QAT finetunes (about 2 min each). Budgets:
     # about the 5th and 50th percentile of the BitFusion latency of random apq_cifar subnets that
     # BitFusion can run (0.33-1.29 ms; 86% of random mixed-precision subnets cannot: 4-bit 7x7 depthwise).
     "cifar": Preset(
