@@ -166,7 +166,12 @@ def table2_section(runs: Path) -> str:
     if not results.is_file():
         return "\n".join([*lines, MISSING])
     text = results.read_text().splitlines()
-    table = [ln for ln in text if ln.startswith("|")]
+    start = next(i for i, ln in enumerate(text) if ln.startswith("| method |"))
+    table = []
+    for ln in text[start:]:  # the results table only, not the stage-time table after it
+        if not ln.startswith("|"):
+            break
+        table.append(ln)
     lines += ["Top-1 on the 10,000 CIFAR-10 test images after the same 300-step QAT finetune "
               "(`recipes/finetune_short.yaml`) for every method; latency and energy from the fitted BitFusion "
               "model; search s: wall time of the search on the predictors (2 CPU cores). `largest` and `random` "
