@@ -19,7 +19,6 @@ set from the subnet's policy, which the quantization package fills in.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -350,24 +349,22 @@ def load_supernet(path: str, map_location: str | torch.device = "cpu") -> Supern
 def export_supernet_weights(ckpt: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
     """Write the supernet of a stage-1 checkpoint as a small weights-only file, atomically.
 
-    Why: a Lightning checkpoint carries optimizer state, the teacher and loop state (about 3x
-    the weights); later stages need only the supernet. The file holds plain data (``format``,
+    Why: a Lightning checkpoint carries optimizer state, the teacher and loop state (about twice
+    the float32 weights); later stages need only the supernet. The file holds plain data (``format``,
     ``space``, ``num_classes``, ``dropout`` and a state dict whose floating tensors are in
     ``dtype``); :func:`load_supernet` reads it like a checkpoint. float16 halves the size; the
     rounding (relative 5e-4) is far below what BN recalibration and QAT change.
     """
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"dtype {dtype}: allowed float16, bfloat16, float32")
+    from apq_lightning.checkpointing import AtomicCheckpointIO  # Lightning's IO: only on this path
+
     net = load_supernet(str(ckpt))  # validates the checkpoint
-    h, _, _ = supernet_contents(read_torch_file(ckpt, "checkpoint"))
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in net.state_dict().items()}
     payload = {"format": WEIGHTS_FORMAT, "space": net.space.name, "num_classes": int(net.num_classes),
-               "dropout": float(h.get("dropout", 0.0)), "state_dict": state}
+               "dropout": float(net.dropout.p), "state_dict": state}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, out)
+    AtomicCheckpointIO().save_checkpoint(payload, out)
     return out
 
 
