@@ -67,18 +67,20 @@ class Preset:
             return str(path)
         return str(REPO / path)
 
+    def config(self, stage: str) -> dict:
+        """A stage's recipe as plain YAML (no interpolation: read only for paths written out)."""
+        return yaml.safe_load(Path(self.recipe(stage)).read_text()) or {}
+
     def run(self, stage: str) -> Path:
         """The run directory of a stage's recipe (its ``trainer.default_root_dir``)."""
-        cfg = yaml.safe_load(Path(self.recipe(stage)).read_text()) or {}
-        root = (cfg.get("trainer") or {}).get("default_root_dir")
+        root = (self.config(stage).get("trainer") or {}).get("default_root_dir")
         if not root:
             raise ValueError(f"{self.recipe(stage)}: the recipe names no trainer.default_root_dir")
         return Path(root)
 
     def stores(self, stage: str) -> list[str]:
         """The sample stores a predictor recipe trains on (its ``data.init_args.stores``)."""
-        cfg = yaml.safe_load(Path(self.recipe(stage)).read_text()) or {}
-        stores = ((cfg.get("data") or {}).get("init_args") or {}).get("stores")
+        stores = ((self.config(stage).get("data") or {}).get("init_args") or {}).get("stores")
         return [stores] if isinstance(stores, str) else list(stores or [])
 
 
