@@ -9,10 +9,12 @@ from itertools import islice
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
+from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 
@@ -202,3 +204,61 @@ class DistilledTraining(L.LightningModule):
 
     def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
         scheduler.step_update(num_updates=self.global_step)
+
+
+class PhaseCosineScheduler(Scheduler):
+    """A cosine per progressive-shrinking phase, stepped per optimiser step.
+
+    Why: each phase changes the task (new dimensions become elastic), and once-for-all trains
+    each one as a run of its own, with its own peak rate. A schedule that restarts at phase
+    boundaries also makes a run split at a boundary (continued from exported weights with
+    ``start_phase``) train exactly like one run. ``bounds`` are the phases' last steps
+    (exclusive), ``peaks`` their peak rates as multiples of each param group's base rate.
+    A linear warm-up of ``warmup_steps`` starts the first phase only.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, bounds: list[int], peaks: list[float],
+                 warmup_steps: int = 0, min_ratio: float = 1e-3) -> None:
+        self.bounds, self.peaks = list(bounds), list(peaks)
+        self.warmup_steps, self.min_ratio = int(warmup_steps), float(min_ratio)
+        super().__init__(optimizer, "lr", t_in_epochs=False)
+
+    def multiplier(self, t: int) -> float:
+        """The factor on the base rate at optimiser step ``t``."""
+        start = 0
+        for end, peak in zip(self.bounds, self.peaks):
+            if t < end or end == self.bounds[-1]:
+                break
+            start = end
+        length = max(1, end - start)
+        pos = min(max(t - start, 0), length)
+        low = peak * self.min_ratio
+        if start == 0 and pos < self.warmup_steps:
+            return peak * (0.01 + 0.99 * pos / self.warmup_steps)
+        return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * pos / length))
+
+    def _get_lr(self, t: int) -> list[float]:
+        m = self.multiplier(t)
+        return [v * m for v in self.base_values]
+
+
+def configure_sgd_phases(
+    module: L.LightningModule,
+    params: nn.Module,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    warmup_epochs: float,
+    phase_epochs: list[int],
+    phase_lrs: list[float],
+) -> dict[str, Any]:
+    """Like :func:`configure_sgd_cosine`, with one cosine per phase (:class:`PhaseCosineScheduler`)."""
+    opt = create_optimizer_v2(params, opt=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    total = max(1, int(module.trainer.estimated_stepping_batches))
+    max_epochs = module.trainer.max_epochs or 1
+    steps_per_epoch = max(1, total // max(1, max_epochs))
+    bounds = list(np.cumsum([e * steps_per_epoch for e in phase_epochs]))
+    warmup = min(int(warmup_epochs * steps_per_epoch), max(0, bounds[0] - 1))
+    sched = PhaseCosineScheduler(opt, [int(b) for b in bounds], [p / lr for p in phase_lrs], warmup)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -21,7 +21,12 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from apq_lightning.layers import SubnetModel
-from apq_lightning.modules.common import DistilledTraining, calibration_batches, check_training_args
+from apq_lightning.modules.common import (
+    DistilledTraining,
+    calibration_batches,
+    check_training_args,
+    configure_sgd_phases,
+)
 from apq_lightning.space import SearchSpace, Subnet, get_space
 from apq_lightning.supernet import Supernet, load_supernet, recalibrate_bn
 
@@ -36,6 +41,8 @@ class Phase:
     ``kernels`` / ``depths`` restrict the sampled values (``None`` = every choice of the space);
     ``widths``: ``max`` (largest only), ``coarse`` (expand ratios 4, 5, 6 of the block input,
     i.e. multiples of Cin) or ``all`` (the fine-grained step-8 set).
+    ``lr``: the phase's peak learning rate under ``lr_schedule: phase`` (``None`` = the module's
+    ``lr``); once-for-all trains its elastic phases at a fraction of the full network's rate.
     """
 
     name: Literal["full", "kernel", "depth", "width"] = "full"
@@ -43,6 +50,7 @@ class Phase:
     kernels: list[int] | None = None
     depths: list[int] | None = None
     widths: Literal["max", "coarse", "all"] | None = None
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         # Messages start with "phases" so that the CLI can name the recipe key.
@@ -52,6 +60,11 @@ class Phase:
             raise ValueError(f"phases: phase {self.name!r} has epochs={self.epochs!r}; must be an integer >= 1")
         if self.widths not in (None, "max", "coarse", "all"):
             raise ValueError(f"phases: phase {self.name!r} has widths={self.widths!r}; allowed: max, coarse, all")
+        if self.lr is not None:
+            ok = isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and 0 < self.lr < float("inf")
+            if not ok:
+                raise ValueError(f"phases: phase {self.name!r} has lr={self.lr!r}; must be a number > 0 (or null "
+                                 f"for the module's lr)")
 
 
 @dataclass
@@ -153,16 +166,31 @@ class SupernetModule(DistilledTraining):
         bn_calib_batches: int = 10,
         seed: int = 0,
         channels_last: bool = True,
+        lr_schedule: Literal["run", "phase"] = "run",
+        start_phase: int = 0,
+        init_weights: str | None = None,
     ) -> None:
         super().__init__()
         try:
             self.space = get_space(space)
         except ValueError as err:
             raise ValueError(f"space: {err}") from None
-        self.phases = _as_phases(phases)
+        all_phases = _as_phases(phases)
         # Plain dicts in the checkpoint so that it loads with weights_only=True.
         self.save_hyperparameters(ignore=["phases"])
-        self.hparams["phases"] = [asdict(p) for p in self.phases]
+        self.hparams["phases"] = [asdict(p) for p in all_phases]
+        if lr_schedule not in ("run", "phase"):
+            raise ValueError(f"lr_schedule must be 'run' (one cosine over the run) or 'phase' (one per phase), "
+                             f"got {lr_schedule!r}")
+        if isinstance(start_phase, bool) or not isinstance(start_phase, int) or not 0 <= start_phase < len(all_phases):
+            raise ValueError(f"start_phase must be an integer in [0, {len(all_phases) - 1}] (an index into "
+                             f"phases), got {start_phase!r}")
+        if start_phase > 0 and init_weights is None:
+            raise ValueError(f"start_phase={start_phase} skips phases {[p.name for p in all_phases[:start_phase]]}, "
+                             f"whose result must come from init_weights (a supernet weights file or checkpoint)")
+        # The phases this run trains: a run may continue another one at a phase boundary from
+        # its exported weights, so that only a small weights file has to survive between machines.
+        self.phases = all_phases[start_phase:]
         check_training_args(subnets_per_step=subnets_per_step, num_random_eval=num_random_eval,
                             bn_calib_batches=bn_calib_batches)
         self.check_shared_hparams()
@@ -171,6 +199,8 @@ class SupernetModule(DistilledTraining):
         except ValueError as err:
             raise ValueError(f"phases: {err}") from None
         self.supernet = Supernet(self.space, num_classes, dropout)
+        if init_weights is not None:
+            self._load_init_weights(init_weights)
         rng = np.random.default_rng([seed, 7919])
         self.eval_subnets: dict[str, Subnet] = {"largest": self.space.largest(), "smallest": self.space.smallest()}
         for j in range(num_random_eval):
@@ -181,6 +211,25 @@ class SupernetModule(DistilledTraining):
 
     def trained_network(self) -> nn.Module:
         return self.supernet
+
+    def _load_init_weights(self, path: str) -> None:
+        """Start from a trained supernet (weights file or stage-1 checkpoint) of the same space."""
+        try:
+            net = load_supernet(path)
+        except (ValueError, FileNotFoundError) as err:
+            raise ValueError(f"init_weights: {err}") from None
+        if net.space.name != self.space.name or net.num_classes != self.hparams.num_classes:
+            raise ValueError(f"init_weights: {path} holds a {net.space.name} supernet with {net.num_classes} "
+                             f"classes; this run trains {self.space.name} with {self.hparams.num_classes}")
+        self.supernet.load_state_dict(net.state_dict())
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        if self.hparams.lr_schedule == "run":
+            return super().configure_optimizers()
+        h = self.hparams
+        peaks = [p.lr if p.lr is not None else h.lr for p in self.phases]
+        return configure_sgd_phases(self, self.supernet, h.optimizer, h.lr, h.weight_decay, h.momentum,
+                                    h.warmup_epochs, [p.epochs for p in self.phases], peaks)
 
     # ---- phases --------------------------------------------------------------------------
     @property
