@@ -20,6 +20,10 @@ Three promises, each kept here rather than in the recipes:
   sum of the phases' epochs: ``trainer.max_epochs: null`` (the supernet recipes) is set to that
   sum from the phases actually used, including ones given on the command line. An explicit
   ``trainer.max_epochs`` wins; ``SupernetModule`` warns (``rank_zero_warn``) when it differs.
+* **A resume continues the same job.** Every ``fit`` records what it trains on (hyperparameters,
+  data settings, the content of its sample stores) in its checkpoints
+  (:class:`~apq_lightning.job_identity.JobRecord`); resuming a checkpoint of another job is one
+  line naming the differences and the fix, not a silent 0-epoch "fit".
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ from apq_lightning.checkpointing import (
     clean_stale_temporaries,
     resume_checkpoint,
 )
+from apq_lightning.job_identity import JobRecord, check_same_job, job_identity
+from apq_lightning.torch_io import read_torch_file
 
 SPECIAL_CKPT_PATHS = ("last", "best", "hpc")
 _NOISE = ("Does not validate against any of the Union subtypes", "Problem with given class_path", "Parser key")
@@ -80,7 +86,10 @@ class CheckedLightningCLI(LightningCLI):
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "fit" and not any(isinstance(cb, JobRecord) for cb in trainer.callbacks):
+            trainer.callbacks.append(JobRecord())  # what this fit is, in every checkpoint it writes
+        return trainer
 
     def _instantiation_message(self, err: BaseException) -> str:
         """Innermost message, prefixed with the recipe key (``model.init_args.lr``) where known."""
@@ -101,6 +110,7 @@ class CheckedLightningCLI(LightningCLI):
         _as_input_error(self._derive_max_epochs)
         clean_stale_temporaries(checkpoint_dirs(self.trainer))
         _as_input_error(self._resolve_last, "fit")
+        _as_input_error(self._check_same_job)
 
     def before_validate(self) -> None:
         _as_input_error(self._resolve_last, "validate")
@@ -118,6 +128,14 @@ class CheckedLightningCLI(LightningCLI):
             return
         if self._get(self.config, "trainer", default={}).get("max_epochs") is None:
             self.trainer.fit_loop.max_epochs = int(total)
+
+    def _check_same_job(self) -> None:
+        """A fit that resumes a checkpoint must be the job that wrote it (see job_identity)."""
+        ckpt = self.config_init["fit"].get("ckpt_path")
+        if ckpt is None or str(ckpt) in SPECIAL_CKPT_PATHS or "://" in str(ckpt):
+            return
+        saved = read_torch_file(ckpt, "checkpoint", mmap=True)
+        check_same_job(saved, ckpt, job_identity(self.model, self.datamodule), self.trainer.default_root_dir)
 
     def _resolve_last(self, subcommand: str) -> None:
         """Resolve ``last`` ourselves, check the file loads, and hand Lightning that exact path."""

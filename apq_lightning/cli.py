@@ -111,7 +111,7 @@ def usage() -> str:
         "",
         "pipeline (recipes in recipes/; _tiny runs offline in minutes, the others on CIFAR-10 / ImageNet):",
         *(f"  {stage:<{stage_width}}  apq {how}" for stage, how in PIPELINE),
-        "  (stage 6 also runs when stage 5 ends: the EvolutionSearch callback of recipes/predictor_mp.yaml)",
+        "  (to search as soon as stage 5 ends, add the EvolutionSearch callback to its recipe: docs/search.md)",
         "",
         "Every recipe writes under its trainer.default_root_dir (runs/<recipe>); --trainer.default_root_dir DIR",
         "moves all of a run's outputs. 'apq <command> --help' lists a command's options.",

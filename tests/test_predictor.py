@@ -595,7 +595,8 @@ def test_scatter_writes_png_and_json(tmp_path):
 # Recipes through the CLI
 # --------------------------------------------------------------------------------------------
 def _cli(recipe: str, tmp_path: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", str(ROOT / "recipes" / recipe), "--trainer.default_root_dir", str(tmp_path),
+    run_dir = tmp_path / "runs" / Path(recipe).stem  # where the recipe's own runs/<name> would be
+    return ["fit", "--config", str(ROOT / "recipes" / recipe), "--trainer.default_root_dir", str(run_dir),
             "--trainer.enable_progress_bar", "false", *extra]
 
 
