@@ -278,3 +278,63 @@ def run_lightning_cli(make_cli: Callable[[], Any], argv: list[str] | None) -> No
 def _fail(command: str, message: str) -> None:
     print(f"{command}: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def _num_classes_of(datamodule: Any) -> int | None:
+    return getattr(datamodule, "num_classes", None)
+
+
+def _phase_epochs(phases: Any) -> None:
+    """``${phase_epochs:...}`` in recipes written before ``trainer.max_epochs: null``: resolves to
+    null, i.e. "the sum of the phases", which the CLI derives from the phases actually used
+    (the interpolation was resolved at parse time, from the recipe's phases only)."""
+    return None
+
+
+class APQLightningCLI(CheckedLightningCLI):
+    """The project's LightningCLI: sizes the model's classifier from the datamodule.
+
+    Both the model and the datamodule come from the recipe (``class_path``): image data for the
+    supernet and finetuning, subnet indices for collection, sample stores for the predictors.
+    Where the datamodule knows its ``num_classes`` and the model takes one, the model gets it;
+    other pairs ignore the link.
+    """
+
+    def __init__(self, *args: Any, instantiate: bool = True, **kwargs: Any) -> None:
+        self._instantiate = instantiate
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.link_arguments("data", "model.init_args.num_classes", compute_fn=_num_classes_of,
+                              apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        if self._instantiate:
+            super().instantiate_classes()
+
+
+def build_cli(args: list[str] | None, *, run: bool = True, instantiate: bool = True) -> APQLightningCLI:
+    """The one way a recipe becomes model + datamodule + trainer (``apq fit/...`` and ``apq final``).
+
+    ``run=False`` builds without running a subcommand (``args`` then start with ``--config``);
+    ``instantiate=False`` only parses: a cheap check of a recipe's values before hours of other
+    work. omegaconf+ parser mode resolves ``${...}`` after the command line, so
+    ``--trainer.default_root_dir`` moves every output a recipe derives from it. User errors
+    raise :class:`CLIInputError` or ``argparse.ArgumentError`` (see :func:`run_lightning_cli`).
+    """
+    import warnings
+
+    import lightning as L
+    from jsonargparse import set_parsing_settings
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("phase_epochs"):
+        OmegaConf.register_resolver("phase_epochs", _phase_epochs)  # omegaconf >= 2.4
+    # Recipes write absolute keys (${trainer.default_root_dir}); relative to the subcommand here.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    with warnings.catch_warnings():  # args= on purpose when a command builds a recipe from its own options
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return APQLightningCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
+                               subclass_mode_data=True, run=run, args=args, instantiate=instantiate,
+                               parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
+                               save_config_kwargs={"overwrite": True})

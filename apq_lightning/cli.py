@@ -11,60 +11,13 @@ and which recipe runs each stage of the pipeline.
 from __future__ import annotations
 
 import sys
-from typing import Any
-
-
-def _phase_epochs(phases: Any) -> None:
-    """``${phase_epochs:...}`` in recipes written before ``trainer.max_epochs: null``: resolves to
-    null, i.e. "the sum of the phases", which the CLI derives from the phases actually used
-    (the interpolation was resolved at parse time, from the recipe's phases only)."""
-    return None
-
-
-def _num_classes_of(datamodule: Any) -> int | None:
-    return getattr(datamodule, "num_classes", None)
 
 
 def lightning_main(argv: list[str] | None) -> None:
     """fit / validate / test / predict through LightningCLI (imported here: it is slow to import)."""
-    import lightning as L
-    from jsonargparse import set_parsing_settings
-    from omegaconf import OmegaConf
+    from apq_lightning.checked_cli import build_cli, run_lightning_cli
 
-    from apq_lightning.checked_cli import CheckedLightningCLI, run_lightning_cli
-
-    if not OmegaConf.has_resolver("phase_epochs"):
-        OmegaConf.register_resolver("phase_epochs", _phase_epochs)  # omegaconf >= 2.4
-    # omegaconf+ resolves interpolations once the command line is applied; recipes write absolute
-    # keys (${trainer.default_root_dir}), which this setting makes relative to the subcommand.
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-
-    class APQLightningCLI(CheckedLightningCLI):
-        """LightningCLI that sizes the model's classifier from the datamodule.
-
-        Both the model and the datamodule come from the recipe (``class_path``): image data
-        for the supernet and finetuning, subnet indices for collection, sample stores for the
-        predictors. Where the datamodule knows its ``num_classes`` and the model takes one, the
-        model gets it; other pairs ignore the link.
-        """
-
-        def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001 (jsonargparse parser)
-            parser.link_arguments(
-                "data", "model.init_args.num_classes", compute_fn=_num_classes_of, apply_on="instantiate"
-            )
-
-    run_lightning_cli(  # one-line errors, exit 2 (see checked_cli)
-        lambda: APQLightningCLI(
-            L.LightningModule,
-            L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
-            save_config_kwargs={"overwrite": True},
-            args=argv,
-        ),
-        argv,
-    )
+    run_lightning_cli(lambda: build_cli(argv), argv)  # one-line errors, exit 2 (see checked_cli)
 
 
 LIGHTNING_COMMANDS: tuple[str, ...] = ("fit", "validate", "test", "predict")

@@ -9,9 +9,9 @@ interrupted stage and passes quickly over the done ones.
     python -m apq_lightning.stages --preset tiny                      # digits, offline, minutes
     python -m apq_lightning.stages --preset cifar --data PATH.tar.gz  # CIFAR-10, CPU hours
 
-At the end it prints (and writes ``<out>/results.md``) a table: the searched subnets under each
-budget with predicted and achieved accuracy after QAT, latency, energy and BitOps, beside the
-fixed-precision baselines, and it names the folder of the PNG plots.
+At the end it prints (and writes ``<out>/results.md``, its data in ``<out>/results.json``) a table:
+the searched subnets under each budget with predicted and achieved accuracy after QAT, latency,
+energy and BitOps, beside the fixed-precision baselines, and it names the folder of the PNG plots.
 """
 
 from __future__ import annotations
@@ -212,10 +212,13 @@ def _fmt(v: object, digits: int = 3) -> str:
     return str(v)
 
 
-def results_table(p: Preset, out: Path) -> str:
-    """Markdown: under each budget, APQ's searched subnet, then the baselines under that budget."""
-    head = ("| method | budget | predicted top-1 | achieved top-1 (after QAT) | latency ms | energy mJ | GBitOps | "
-            "size kB | search s |\n|---|---|---|---|---|---|---|---|---|")
+RESULT_COLUMNS = ("method", "budget", "predicted top-1", "achieved top-1 (after QAT)", "latency ms", "energy mJ",
+                  "GBitOps", "size kB", "search s")
+
+
+def results_rows(p: Preset, out: Path) -> list[dict]:
+    """Under each budget, APQ's searched subnet, then the baselines under that budget: one dict a
+    row (the data of ``results.json``; :func:`results_table` renders them)."""
     rows = []
     for ms in p.budgets:
         f = out / "final" / _budget_name(ms) / "final.json"
@@ -231,21 +234,28 @@ def results_table(p: Preset, out: Path) -> str:
                 if r.get("method") == "apq":
                     continue
                 rows.append(_row(r.get("method", "?"), ms, r.get("predicted_acc"), r.get("achieved_acc"), r))
-    return "\n".join([head, *rows])
+    return rows
 
 
-def _row(method: str, ms: float, pred: object, achieved: object, r: dict) -> str:
-    bitops = r.get("bitops")
-    size = r.get("size_bytes")
+def _row(method: str, ms: float, pred: object, achieved: object, r: dict) -> dict:
+    bitops, size, search = r.get("bitops"), r.get("size_bytes"), r.get("search_wall_time_s")
     within = r.get("within_budget", True)
-    if r.get("feasible") is False:
-        budget = f"{ms:g} ms (not runnable)"
-    else:
-        budget = f"{ms:g} ms" + ("" if within in (True, None) else " (over)")
-    search = r.get("search_wall_time_s")
-    return (f"| {method} | {budget} | {_fmt(pred)} | {_fmt(achieved)} | {_fmt(r.get('latency_ms'))} | "
-            f"{_fmt(r.get('energy_mJ'))} | {_fmt(bitops / 1e9 if bitops else None)} | "
-            f"{_fmt(size / 1e3 if size else None, 1)} | {_fmt(float(search) if search else None, 2)} |")
+    status = "not runnable" if r.get("feasible") is False else ("within" if within in (True, None) else "over")
+    return {"method": method, "budget_ms": ms, "status": status, "predicted_acc": pred, "achieved_acc": achieved,
+            "latency_ms": r.get("latency_ms"), "energy_mJ": r.get("energy_mJ"),
+            "gbitops": bitops / 1e9 if bitops else None, "size_kB": size / 1e3 if size else None,
+            "search_s": float(search) if search else None}
+
+
+def results_table(rows: list[dict]) -> str:
+    """Markdown of :func:`results_rows` (the table ``make demo`` prints and ``results.md`` holds)."""
+    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
+    for r in rows:
+        budget = f"{r['budget_ms']:g} ms" + {"within": "", "over": " (over)"}.get(r["status"], f" ({r['status']})")
+        cells = [r["method"], budget, _fmt(r["predicted_acc"]), _fmt(r["achieved_acc"]), _fmt(r["latency_ms"]),
+                 _fmt(r["energy_mJ"]), _fmt(r["gbitops"]), _fmt(r["size_kB"], 1), _fmt(r["search_s"], 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def collect_plots(p: Preset, out: Path) -> Path:
@@ -284,15 +294,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_all(p: Preset, out: Path, data: list[str], supernet: str | None = None) -> Path:
-    """The pipeline, its results table and its plots folder; returns ``<out>/results.md``.
+    """The pipeline, its results (``<out>/results.json``, which reports read, and the same as
+    Markdown in ``<out>/results.md``) and its plots folder; returns ``<out>/results.md``.
 
     The wall time of every stage is added up over reruns in ``<out>/stage_times.json``, so a
     pipeline run in several resumed chunks still reports what each stage cost in all.
     """
     times = run_pipeline(p, out, data, supernet)
-    table = results_table(p, out)
+    rows = results_rows(p, out)
+    table = results_table(rows)
     plots = collect_plots(p, out)
     total_times = json.loads((out / "stage_times.json").read_text())
+    results = {"preset": p.name, "budgets_ms": list(p.budgets), "rows": rows, "stage_seconds_this_run": times,
+               "stage_seconds_all_runs": total_times, "plots": str(plots)}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     stage_lines = "\n".join(f"| {k} | {times[k]:.0f} | {total_times[k]:.0f} |" for k in times)
     report = (f"# APQ pipeline, preset {p.name}\n\n{table}\n\nWall time per stage (s): this run, and all runs "
               f"of this folder together (resumed chunks):\n\n| stage | this run | all runs |\n|---|---|---|\n"

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from apq_lightning.collection.store import merge_stores, read_samples, store_files  # noqa: E402
-from apq_lightning.stages import PRESETS  # noqa: E402
+from apq_lightning.stages import PRESETS, results_table  # noqa: E402
 
 PRESET = PRESETS["cifar"]
 MISSING = "_Not produced yet: the run has not reached this stage._"
@@ -161,21 +161,14 @@ def transfer_section(runs: Path) -> str:
 
 
 def table2_section(runs: Path) -> str:
-    results = runs / "pipeline_cifar" / "results.md"
+    results = _json(runs / "pipeline_cifar" / "results.json")  # the driver's data, not its Markdown
     lines = ["## 4. APQ vs. fixed precision and the sequential pipeline (the shape of the paper's Table 2)", ""]
-    if not results.is_file():
+    if results is None:
         return "\n".join([*lines, MISSING])
-    text = results.read_text().splitlines()
-    start = next(i for i, ln in enumerate(text) if ln.startswith("| method |"))
-    table = []
-    for ln in text[start:]:  # the results table only, not the stage-time table after it
-        if not ln.startswith("|"):
-            break
-        table.append(ln)
     lines += ["Top-1 on the 10,000 CIFAR-10 test images after the same 300-step QAT finetune "
               "(`recipes/finetune_short.yaml`) for every method; latency and energy from the fitted BitFusion "
               "model; search s: wall time of the search on the predictors (2 CPU cores). `largest` and `random` "
-              "are compared on predicted accuracy only.", "", *table]
+              "are compared on predicted accuracy only.", "", results_table(results["rows"])]
     searches = [f"![search {ms:g} ms](cifar10/search_latency_ms={ms:g}.png)" for ms in PRESET.budgets]
     return "\n".join([*lines, "", *searches])
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from _stores import write_store
 
 from apq_lightning.cli import main as cli_main
 from apq_lightning.job_identity import differences, job_identity
-from _stores import write_store
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from apq_lightning.stages import PRESETS, main, results_table, run_pipeline
+from apq_lightning.stages import PRESETS, main, results_rows, results_table, run_pipeline
 
 
 def test_run_dirs_and_stores_come_from_the_recipes():
@@ -58,7 +58,11 @@ def test_results_table_rows_per_budget(tmp_path):
         {"method": "largest@4bit", "predicted_acc": 0.7, "feasible": False, "within_budget": False},
         {"method": "largest@8bit", "predicted_acc": 0.7, "latency_ms": 1.9, "within_budget": False},
     ]}))
-    lines = results_table(p, out).splitlines()
+    rows = results_rows(p, out)
+    assert rows[0]["method"] == "APQ (joint search)" and rows[0]["achieved_acc"] == 0.95 and rows[0]["gbitops"] == 0.2
+    assert [r["status"] for r in rows] == ["within", "within", "not runnable", "over"]
+    json.dumps(rows)  # the rows are results.json's data: plain JSON
+    lines = results_table(rows).splitlines()
     assert lines[2] == ("| APQ (joint search) | 0.45 ms | 0.900 | 0.950 | 0.400 | 0.500 | 0.200 | 100.0 | 1.50 |")
     assert lines[3].startswith("| fp-search@8bit | 0.45 ms | 0.800 | 0.850 |")
     assert lines[4].startswith("| largest@4bit | 0.45 ms (not runnable) |")

@@ -291,3 +291,42 @@ def test_supernet_and_qat_modules_share_one_base():
     assert set(module.hparams) == set(inspect.signature(SupernetModule).parameters)
     with pytest.raises(ValueError, match="kd_temperature must be a number"):
         SupernetModule(space="tiny", kd_temperature=0)
+
+
+# ---- a run split at a phase boundary (the study's supernet spans fresh machines) -----------
+def test_phase_schedule_restarts_at_each_boundary_with_the_phase_rate():
+    from apq_lightning.modules.common import PhaseCosineScheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = PhaseCosineScheduler(opt, bounds=[100, 140], peaks=[1.0, 0.3], warmup_steps=10)
+    m = [sched.multiplier(t) for t in range(160)]
+    assert m[0] < 0.05 and m[10] > 0.9  # warm-up, first phase only
+    assert m[99] < 0.01 and m[100] == pytest.approx(0.3)  # restart at the phase's own peak
+    assert all(a >= b for a, b in zip(m[10:100], m[11:100])) and all(a >= b for a, b in zip(m[100:140], m[101:140]))
+    assert m[139] < 0.003 and m[159] == pytest.approx(0.3e-3)  # past the end: the last phase's floor
+    sched.step_update(num_updates=100)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.03)
+
+
+def test_start_phase_continues_from_weights_and_bad_settings_are_named(tmp_path):
+    phases = [Phase("full", 1), Phase("kernel", 1, lr=0.01)]
+    from apq_lightning.supernet import export_supernet_weights
+
+    trainer, first = _fit_tiny(tmp_path / "a", phases[:1], 1, limit_train_batches=2, limit_val_batches=1)
+    ckpt = tmp_path / "first.ckpt"
+    trainer.save_checkpoint(ckpt)
+    weights = export_supernet_weights(ckpt, tmp_path / "w.pt", torch.float32)
+    second = SupernetModule(space="tiny", phases=phases, start_phase=1, init_weights=str(weights), lr_schedule="phase")
+    assert [p.name for p in second.phases] == ["kernel"] and second.total_phase_epochs == 1
+    for a, b in zip(first.supernet.state_dict().values(), second.supernet.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="init_weights"):
+        SupernetModule(space="tiny", phases=phases, start_phase=1)
+    with pytest.raises(ValueError, match=r"start_phase must be an integer in \[0, 1\]"):
+        SupernetModule(space="tiny", phases=phases, start_phase=2, init_weights=str(weights))
+    with pytest.raises(ValueError, match="init_weights: .* holds a tiny supernet"):
+        SupernetModule(space="apq_cifar", phases=phases, init_weights=str(weights))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SupernetModule(space="tiny", lr_schedule="epoch")
+    with pytest.raises(ValueError, match="phases: phase 'kernel' has lr=-1"):
+        Phase("kernel", 1, lr=-1)

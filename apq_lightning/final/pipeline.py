@@ -25,7 +25,6 @@ import argparse
 import copy
 import json
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,26 +188,10 @@ def build_recipe(args: Sequence[str], instantiate: bool = True) -> Any:
     LightningCLI (one-line errors; AtomicCheckpointIO), without running a subcommand.
     ``instantiate=False`` only parses: a cheap check of the recipe values (unknown keys, types)
     before hours of other work."""
-    import lightning as L
-
-    from apq_lightning.checked_cli import CheckedLightningCLI, CLIInputError, parse_error_message
-
-    class _RecipeCLI(CheckedLightningCLI):
-        def add_arguments_to_parser(self, parser: Any) -> None:  # as `apq fit`: classes from the data
-            parser.link_arguments("data", "model.init_args.num_classes",
-                                  compute_fn=lambda dm: getattr(dm, "num_classes", None), apply_on="instantiate")
-
-        def instantiate_classes(self) -> None:
-            if instantiate:
-                super().instantiate_classes()
+    from apq_lightning.checked_cli import CLIInputError, build_cli, parse_error_message
 
     try:
-        with warnings.catch_warnings():  # args= on purpose: the recipe is built from final's own options
-            warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-            return _RecipeCLI(L.LightningModule, L.LightningDataModule, subclass_mode_model=True,
-                              subclass_mode_data=True, run=False, args=list(args),
-                              parser_kwargs={"parser_mode": "omegaconf+", "exit_on_error": False},
-                              save_config_kwargs={"overwrite": True})
+        return build_cli(list(args), run=False, instantiate=instantiate)
     except CLIInputError as err:
         raise FinalInputError(str(err)) from None
     except argparse.ArgumentError as err:

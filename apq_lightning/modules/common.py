@@ -1,5 +1,7 @@
-"""Pieces shared by the LightningModules: losses, optimisers, calibration data, and the base class
-of the two modules that train a network with distillation (:class:`DistilledTraining`)."""
+"""Pieces shared by the LightningModules: the checked supernet loader, losses, optimisers,
+calibration data, and the base class of the two modules that train a network with distillation
+(:class:`DistilledTraining`). The short QAT of sample collection is built from the same loss and
+optimiser helpers, so a sample's QAT and a finetune follow one recipe."""
 
 from __future__ import annotations
 
@@ -17,12 +19,49 @@ from timm.scheduler import CosineLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
+from apq_lightning.space import get_space
+from apq_lightning.supernet import Supernet, load_supernet
+
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Soft-target cross-entropy from a teacher's logits (once-for-all's KD term)."""
     t = temperature
     soft = F.softmax(teacher / t, dim=1)
     return -(soft * F.log_softmax(student / t, dim=1)).sum(dim=1).mean() * (t * t)
+
+
+def distilled_loss(
+    logits: torch.Tensor,
+    y: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    kd_ratio: float,
+    kd_temperature: float,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Cross-entropy (with label smoothing) + ``kd_ratio`` x the distillation term (none without
+    teacher logits): the training loss of every module that trains a network."""
+    loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    if teacher_logits is not None:
+        loss = loss + kd_ratio * distillation_loss(logits, teacher_logits, kd_temperature)
+    return loss
+
+
+def load_checked_supernet(ckpt: str, space: str | None, num_classes: int) -> Supernet:
+    """The supernet of a stage-1 checkpoint, checked against the run that loads it.
+
+    Every error is one line starting with ``supernet_ckpt`` (the CLI names the recipe key): an
+    unreadable or missing file, a checkpoint of another space than ``space`` (``None``: any),
+    or of another number of classes than the data's.
+    """
+    try:
+        net = load_supernet(ckpt)
+    except (ValueError, FileNotFoundError) as err:
+        raise ValueError(f"supernet_ckpt: {err}") from None
+    if space is not None and get_space(space).name != net.space.name:
+        raise ValueError(f"supernet_ckpt {ckpt} is for space {net.space.name!r}, but space={space!r}")
+    if net.num_classes != num_classes:
+        raise ValueError(f"supernet_ckpt {ckpt} has {net.num_classes} classes, but the data has {num_classes}")
+    return net
 
 
 _RANGES: dict[str, tuple[float, float, bool, bool]] = {
@@ -67,6 +106,26 @@ def check_training_args(**values: Any) -> None:
             _check_number(name, value)
 
 
+def sgd_cosine(
+    params: nn.Module,
+    optimizer: str,
+    lr: float,
+    weight_decay: float,
+    momentum: float,
+    total_steps: int,
+    warmup_steps: int = 0,
+) -> tuple[torch.optim.Optimizer, CosineLRScheduler]:
+    """timm optimiser (no decay on BN/bias) + a cosine over ``total_steps`` optimiser steps down to
+    ``lr / 1000``, after a linear warm-up from ``lr / 100`` over ``warmup_steps``; the scheduler
+    is stepped with ``step_update(num_updates=step)``."""
+    opt = create_optimizer_v2(params, opt=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    sched = CosineLRScheduler(
+        opt, t_initial=max(1, total_steps), lr_min=lr * 1e-3, warmup_t=warmup_steps, warmup_lr_init=lr * 0.01,
+        t_in_epochs=False,
+    )
+    return opt, sched
+
+
 def configure_sgd_cosine(
     module: L.LightningModule,
     params: nn.Module,
@@ -76,15 +135,12 @@ def configure_sgd_cosine(
     momentum: float,
     warmup_epochs: float,
 ) -> dict[str, Any]:
-    """timm optimiser (no decay on BN/bias) + per-step cosine schedule with linear warm-up."""
-    opt = create_optimizer_v2(params, opt=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    """:func:`sgd_cosine` over the Trainer's optimiser steps, with ``warmup_epochs`` of warm-up."""
     total = max(1, int(module.trainer.estimated_stepping_batches))
     max_epochs = module.trainer.max_epochs or 1
     steps_per_epoch = max(1, total // max(1, max_epochs))
     warmup = min(int(warmup_epochs * steps_per_epoch), total - 1) if max_epochs > 0 else 0
-    sched = CosineLRScheduler(
-        opt, t_initial=total, lr_min=lr * 1e-3, warmup_t=warmup, warmup_lr_init=lr * 0.01, t_in_epochs=False
-    )
+    opt, sched = sgd_cosine(params, optimizer, lr, weight_decay, momentum, total, warmup)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
@@ -191,10 +247,7 @@ class DistilledTraining(L.LightningModule):
                        teacher_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Cross-entropy (with label smoothing) + ``kd_ratio`` x the distillation term."""
         h = self.hparams
-        loss = F.cross_entropy(logits, y, label_smoothing=h.label_smoothing)
-        if teacher_logits is not None:
-            loss = loss + h.kd_ratio * distillation_loss(logits, teacher_logits, h.kd_temperature)
-        return loss
+        return distilled_loss(logits, y, teacher_logits, h.kd_ratio, h.kd_temperature, h.label_smoothing)
 
     # ---- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
@@ -225,11 +278,8 @@ class PhaseCosineScheduler(Scheduler):
 
     def multiplier(self, t: int) -> float:
         """The factor on the base rate at optimiser step ``t``."""
-        start = 0
-        for end, peak in zip(self.bounds, self.peaks):
-            if t < end or end == self.bounds[-1]:
-                break
-            start = end
+        i = next((j for j, end in enumerate(self.bounds) if t < end), len(self.bounds) - 1)
+        start, end, peak = (self.bounds[i - 1] if i else 0), self.bounds[i], self.peaks[i]
         length = max(1, end - start)
         pos = min(max(t - start, 0), length)
         low = peak * self.min_ratio
