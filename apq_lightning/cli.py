@@ -11,6 +11,7 @@ and which recipe runs each stage of the pipeline.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 
 def lightning_main(argv: list[str] | None) -> None:
@@ -37,23 +38,49 @@ COMMANDS: dict[str, str] = {
 }
 """Every command of ``apq``, with its one-line description (the help lists them in this order)."""
 
-PIPELINE: tuple[tuple[str, str], ...] = (
-    ("1 supernet: progressive shrinking + KD", "fit --config recipes/supernet_{tiny,cifar,imagenet}.yaml"),
-    ("2 FP samples: BN-recalibrated accuracy", "predict --config recipes/collect_fp{_tiny,}.yaml"),
-    ("3 FP accuracy predictor", "fit --config recipes/predictor_fp{_tiny,}.yaml"),
-    ("4 MP samples: quantize + short QAT", "predict --config recipes/collect_mp{_tiny,}.yaml"),
-    ("5 MP predictor, transfer from stage 3", "fit --config recipes/predictor_mp{_tiny,}.yaml"),
-    ("  transfer vs. scratch (APQ Fig. 7)", "transfer-study --fp-stores FP --mp-stores MP --out DIR"),
-    ("6 search under hardware budgets", "search --predictor CKPT --constraint latency_ms=V"),
-    ("7 final model of the winner + report", "final --search RESULT --supernet CKPT --recipe recipes/finetune.yaml"),
-    ("  baselines of the paper's claims", "baselines --fp-predictor FP --mp-predictor MP --constraint latency_ms=V"),
+@dataclass(frozen=True)
+class Stage:
+    """One stage of APQ: its label (the driver's log and ``stage_times.json`` use it), what it
+    does, and the ``apq`` command that runs it (``{tiny,cifar,imagenet}``: the recipe variants)."""
+
+    label: str
+    does: str
+    command: str
+
+    @property
+    def number(self) -> str:
+        return self.label.split()[0]
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("1 supernet", "progressive shrinking + KD", "fit --config recipes/supernet_{tiny,cifar,imagenet}.yaml"),
+    Stage("2 FP samples", "BN-recalibrated accuracy", "predict --config recipes/collect_fp{_tiny,}.yaml"),
+    Stage("3 FP predictor", "accuracy of a float subnet", "fit --config recipes/predictor_fp{_tiny,}.yaml"),
+    Stage("4 MP samples", "quantize + short QAT", "predict --config recipes/collect_mp{_tiny,}.yaml"),
+    Stage("5 MP predictor", "transferred from stage 3", "fit --config recipes/predictor_mp{_tiny,}.yaml"),
+    Stage("5b transfer study", "transfer vs. scratch (APQ Fig. 7)",
+          "transfer-study --fp-stores FP --mp-stores MP --out DIR"),
+    Stage("6 search", "under hardware budgets", "search --predictor CKPT --constraint latency_ms=V"),
+    Stage("7 final", "finetune, test, export the winner",
+          "final --search RESULT --supernet CKPT --recipe recipes/finetune{_tiny,}.yaml"),
+    Stage("baselines", "the paper's comparisons",
+          "baselines --fp-predictor FP --mp-predictor MP --constraint latency_ms=V"),
 )
-"""Which command and recipe runs each stage of APQ (DESIGN.md §1)."""
+"""Every stage of APQ, in order: the one table behind ``apq --help``, the pipeline driver's stage
+labels (:mod:`apq_lightning.stages`) and the README's pipeline table (tested against it)."""
+
+
+def stage(label: str) -> Stage:
+    """The stage with this label (``KeyError`` naming the labels otherwise)."""
+    for s in STAGES:
+        if s.label == label:
+            return s
+    raise KeyError(f"no stage {label!r}; stages: {[s.label for s in STAGES]}")
 
 
 def usage() -> str:
     """The overview printed by ``apq --help`` and by ``apq`` without arguments."""
-    width, stage_width = max(map(len, COMMANDS)), max(len(stage) for stage, _ in PIPELINE)
+    width, stage_width = max(map(len, COMMANDS)), max(len(f"{s.label}: {s.does}") for s in STAGES)
     lines = [
         "usage: apq <command> [options]        (or: python -m apq_lightning.cli <command> [options])",
         "",
@@ -63,7 +90,7 @@ def usage() -> str:
         *(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()),
         "",
         "pipeline (recipes in recipes/; _tiny runs offline in minutes, the others on CIFAR-10 / ImageNet):",
-        *(f"  {stage:<{stage_width}}  apq {how}" for stage, how in PIPELINE),
+        *(f"  {s.label + ': ' + s.does:<{stage_width}}  apq {s.command}" for s in STAGES),
         "  (to search as soon as stage 5 ends, add the EvolutionSearch callback to its recipe: docs/search.md)",
         "",
         "Every recipe writes under its trainer.default_root_dir (runs/<recipe>); --trainer.default_root_dir DIR",

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import yaml
 
+from apq_lightning.cli import STAGES
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -84,6 +86,8 @@ class Preset:
         return [stores] if isinstance(stores, str) else list(stores or [])
 
 
+STAGE = {s.number: s.label for s in STAGES}
+"""Stage labels by number, from the one stage table (:data:`apq_lightning.cli.STAGES`)."""
 STAGE_KEYS = ("supernet", "collect_fp", "collect_mp", "predictor_fp", "predictor_mp", "finetune", "transfer_study")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,23 +159,23 @@ def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = N
         print(f"== stage {name}: {times[name]:.0f} s", flush=True)
 
     if supernet is None:
-        stage("1 supernet", ["fit", "--config", p.recipe("supernet"), *data, "--ckpt_path", "last",
+        stage(STAGE["1"], ["fit", "--config", p.recipe("supernet"), *data, "--ckpt_path", "last",
                              *p.args("supernet")])
     elif not supernet_ckpt.is_file():
         raise SystemExit(f"--supernet {supernet}: no such file (a stage-1 checkpoint or supernet weights file)")
-    stage("2 FP samples", ["predict", "--config", p.recipe("collect_fp"), *data, "--model.init_args.supernet_ckpt",
+    stage(STAGE["2"], ["predict", "--config", p.recipe("collect_fp"), *data, "--model.init_args.supernet_ckpt",
                            str(supernet_ckpt), "--data.init_args.num_samples", str(p.fp_samples),
                            *p.args("collect_fp")])
-    stage("3 FP predictor", ["fit", "--config", p.recipe("predictor_fp"), "--ckpt_path", "last",
+    stage(STAGE["3"], ["fit", "--config", p.recipe("predictor_fp"), "--ckpt_path", "last",
                              *p.args("predictor_fp")])
-    stage("4 MP samples", ["predict", "--config", p.recipe("collect_mp"), *data, "--model.init_args.supernet_ckpt",
+    stage(STAGE["4"], ["predict", "--config", p.recipe("collect_mp"), *data, "--model.init_args.supernet_ckpt",
                            str(supernet_ckpt), "--data.init_args.num_samples", str(p.mp_samples),
                            *p.args("collect_mp")])
-    stage("5 MP predictor", ["fit", "--config", p.recipe("predictor_mp"), "--model.init_args.transfer_from",
+    stage(STAGE["5"], ["fit", "--config", p.recipe("predictor_mp"), "--model.init_args.transfer_from",
                              str(fp_ckpt), "--ckpt_path", "last", *p.args("predictor_mp")])
     study = out / "transfer_study"
     if not (study / "transfer_study.json").is_file():
-        stage("5b transfer study", ["transfer-study", "--fp-stores", *p.stores("predictor_fp"), "--mp-stores",
+        stage(STAGE["5b"], ["transfer-study", "--fp-stores", *p.stores("predictor_fp"), "--mp-stores",
                                     *p.stores("predictor_mp"), "--sizes", p.transfer_sizes, "--seeds",
                                     p.transfer_seeds, "--epochs", str(p.transfer_epochs), "--out", str(study),
                                     *p.args("transfer_study")])
@@ -180,13 +184,13 @@ def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = N
         res = out / "search" / f"{_budget_name(ms)}.json"
         searches.append((ms, res))
         if not (res.is_file() and res.with_suffix(".png").is_file()):
-            stage(f"6 search {_budget_name(ms)}", [
+            stage(f"{STAGE['6']} {_budget_name(ms)}", [
                 "search", "--predictor", str(mp_ckpt), "--hardware", "bitfusion", "--constraint", _budget_name(ms),
                 "--generations", str(p.generations), "--seed", "0", "--out", str(res),
                 "--plot", str(res.with_suffix(".png"))])
     finetune = [*data, *p.args("finetune")]
     for ms, res in searches:
-        stage(f"7 final {_budget_name(ms)}", ["final", "--search", str(res), "--supernet", str(supernet_ckpt),
+        stage(f"{STAGE['7']} {_budget_name(ms)}", ["final", "--search", str(res), "--supernet", str(supernet_ckpt),
                                              "--recipe", p.recipe("finetune"), "--out",
                                              str(out / "final" / _budget_name(ms)),
                                              "--table", str(out / "final" / "report"), *finetune])
@@ -195,7 +199,7 @@ def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = N
                   "--constraint", _budget_name(ms), "--generations", str(p.generations)]
         # Fixed precision and the sequential pipeline are finetuned like APQ's subnets (achieved
         # accuracy); the largest subnet and random search are compared on predicted accuracy.
-        stage(f"baselines {_budget_name(ms)}",
+        stage(f"{STAGE['baselines']} {_budget_name(ms)}",
               ["baselines", *common, "--methods", "fp-search,sequential", "--bits", p.baseline_bits,
                "--out", str(out / "baselines" / _budget_name(ms)), "--finetune", "--supernet", str(supernet_ckpt),
                "--recipe", p.recipe("finetune"), *finetune],

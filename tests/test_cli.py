@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from apq_lightning.cli import COMMANDS, PIPELINE, main
+from apq_lightning.cli import COMMANDS, STAGES, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,10 +41,25 @@ def test_unknown_command_is_one_line(capsys):
 
 
 def test_every_recipe_named_by_the_overview_exists():
-    for _, how in PIPELINE:
-        for stem, variants in re.findall(r"recipes/(\w+)(?:\{([\w,]*)\})?\.yaml", how):
+    for s in STAGES:
+        for stem, variants in re.findall(r"recipes/(\w+)(?:\{([\w,]*)\})?\.yaml", s.command):
             for variant in variants.split(",") if variants else [""]:
-                assert (ROOT / "recipes" / f"{stem}{variant}.yaml").is_file(), how
+                assert (ROOT / "recipes" / f"{stem}{variant}.yaml").is_file(), s.command
+
+
+def test_readme_pipeline_table_is_the_stage_table():
+    """The README's table has one row per stage, in order, each with the stage's own command on its
+    tiny recipe (the driver and ``apq --help`` read the same table)."""
+    text = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\| (\w+) \| [^|]+ \| (.+?) \| [^|]+ \|$", text, flags=re.M)
+    rows = [(n, cmd) for n, cmd in rows if n in {s.number for s in STAGES}]
+    assert [n for n, _ in rows] == [s.number for s in STAGES]
+    for (_, cmd), s in zip(rows, STAGES):
+        verb = s.command.split()[0]
+        assert f"apq {verb}" in cmd, (s.label, cmd)
+        for stem, variants in re.findall(r"recipes/(\w+)(?:\{([\w,]*)\})?\.yaml", s.command):
+            tiny = next((f"{stem}{v}" for v in variants.split(",") if v.endswith("tiny")), stem)
+            assert f"recipes/{tiny}.yaml" in cmd, (s.label, cmd)
 
 
 def _print_config(argv: list[str], capsys) -> dict:
