@@ -348,3 +348,27 @@ def test_baselines_finetune_adds_achieved_accuracy(assets, tmp_path):
     assert "achieved_acc" in (out / "baselines.md").read_text()
     with open(out / "final" / "report.csv", newline="") as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["apq", "sequential"]
+
+
+def test_final_refuses_an_unrunnable_or_over_budget_subnet_before_training(assets, tmp_path, capsys):
+    """(It used to finetune for minutes, exit 0 and write ``Infinity`` into final.json.)"""
+    sp = get_space("tiny")
+    cost = get_cost_model("bitfusion", sp)
+    unrunnable = next(s for s in (sp.sample(np.random.default_rng(i), quantized=True) for i in range(500))
+                      if not cost.costs(s)["feasible"])
+    (tmp_path / "bad.json").write_text(json.dumps(unrunnable.to_dict()))
+    out = tmp_path / "run"
+    args = ["final", "--subnet", str(tmp_path / "bad.json"), "--supernet", str(assets["supernet"]),
+            "--recipe", str(TINY_RECIPE), "--hardware", "bitfusion", "--out", str(out), *_fast(out)]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "cannot run on bitfusion" in err
+    assert not (out / "checkpoints").exists()  # refused before any training
+    # a searched subnet over its own budget (the search result edited) is refused too
+    doc = json.loads(assets["search"].read_text())
+    doc["settings"]["constraint"] = {"latency_ms": doc["best"]["latency_ms"] / 2}
+    (tmp_path / "over.json").write_text(json.dumps(doc))
+    args = ["final", "--search", str(tmp_path / "over.json"), "--supernet", str(assets["supernet"]),
+            "--recipe", str(TINY_RECIPE), "--out", str(out), *_fast(out)]
+    assert cli_main(args) == 2
+    assert "over the search's budget" in capsys.readouterr().err

@@ -373,9 +373,17 @@ def test_command_on_an_apq_state_dict(tmp_path: Path, capsys: pytest.CaptureFixt
     (["--constraint", "latency_ms=1"], "cheapest runnable subnet needs 2.9"),
     (["--constraint", "latency_ms=8", "--space", "apq_cifar"], "trained for space 'tiny', not 'apq_cifar'"),
     (["--constraint", "latency_ms=8", "--predictor", "missing.pt"], "predictor checkpoint not found: missing.pt"),
+    # outputs and counts are checked before the search (a result used to be lost in a traceback)
+    (["--constraint", "latency_ms=8", "--out", "{tmp}"], "is a directory"),
+    (["--constraint", "latency_ms=8", "--out", "{tmp}/afile/result.json"], "afile is a file, not a folder"),
+    (["--constraint", "latency_ms=8", "--plot", "{tmp}/afile/x"], "afile is a file, not a folder"),
+    (["--constraint", "latency_ms=8", "--top-k", "0"], "--top-k 0: must be >= 1"),
+    (["--constraint", "latency_ms=8", "--threads", "0"], "--threads 0: must be >= 1"),
 ])
 def test_command_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
                                    message: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     ckpt = AccuracyPredictor("tiny", quantized=True).save(tmp_path / "tiny.pt")
     if "latency_ms=1" in args or "latency_ms=-1" in args:
         ckpt = _apq_state_dict(tmp_path / "acc_quant.pt")
@@ -385,3 +393,12 @@ def test_command_rejects_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture
     assert cli_main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err
+
+
+def test_plot_without_suffix_is_written_and_named_as_png(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    ckpt = AccuracyPredictor("tiny", quantized=True).save(tmp_path / "tiny.pt")
+    rc = cli_main(["search", "--predictor", str(ckpt), "--constraint", "latency_ms=8", "--generations", "2",
+                   "--population", "20", "--plot", str(tmp_path / "front"), "--no-progress"])
+    assert rc == 0
+    assert (tmp_path / "front.png").is_file() and not (tmp_path / "front").exists()
+    assert f"wrote {tmp_path / 'front.png'}" in capsys.readouterr().out

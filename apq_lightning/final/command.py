@@ -239,11 +239,15 @@ def _finetune_rows(rows: list[Any], args: argparse.Namespace, overrides: list[st
     for row in rows:
         if row.subnet is None:
             continue
+        if row.feasible is False:
+            log(f"baselines: {row.method}: not runnable on {args.hardware}; not finetuned")
+            continue
         target = FinalTarget(subnet=row.subnet.to_dict(), label=row.method, source="baselines",
                              predicted_acc=row.predicted_acc, search_wall_time_s=row.search_wall_time_s or None,
                              hardware=args.hardware, budget=budget.to_dict())
         run_dir = out / "final" / _safe(row.method)
-        result = run_final(target, _settings(args, run_dir, overrides, out / "final" / "report"), log=log)
+        result = run_final(target, _settings(args, run_dir, overrides, out / "final" / "report"), log=log,
+                           enforce_budget=False)
         row.achieved_acc, row.final_run = result.get("top1"), str(run_dir)
         status = max(status, 0 if args.no_onnx else _onnx_status(result))
     return status
@@ -260,7 +264,8 @@ def _baselines_doc(rows: list[Any], settings: Any, space: str, args: argparse.Na
 
 
 def _write_baselines(out: Path, doc: dict[str, Any], rows: list[Any], budget: Any, hardware: str, space: str) -> None:
-    from apq_lightning.final.report import markdown_table, write_json
+    from apq_lightning.final.report import markdown_table
+    from apq_lightning.outputs import write_json
     from apq_lightning.search.baselines import table_rows
 
     flat = table_rows(rows)

@@ -32,8 +32,9 @@ from typing import Any, Literal
 
 import torch
 
-from apq_lightning.final.report import append_row, write_json
+from apq_lightning.final.report import append_row
 from apq_lightning.hardware import get_cost_model
+from apq_lightning.outputs import write_json
 from apq_lightning.space import Subnet, get_space, save_subnets
 from apq_lightning.supernet import supernet_contents
 from apq_lightning.torch_io import read_torch_file
@@ -212,10 +213,29 @@ def _recipe_args(subnet_path: Path, settings: FinalSettings) -> list[str]:
 
 
 # ---- the run ----------------------------------------------------------------------------------------
-def run_final(target: FinalTarget, settings: FinalSettings, log: Callable[[str], None] = print) -> dict[str, Any]:
+def check_deployable(subnet: Subnet, space: str, hardware: str, budget: dict[str, float] | None) -> None:
+    """Before any training: the subnet must run on the report's hardware, and meet ``budget``
+    (the search's constraint) when one is given; FinalInputError naming the numbers otherwise.
+    (A subnet BitFusion cannot run used to be finetuned for minutes and reported at ``inf`` ms.)"""
+    costs = get_cost_model(hardware, get_space(space)).costs(subnet)
+    if not costs.get("feasible", True):
+        reason = costs.get("reason") or "no unit for one of its layers"
+        raise FinalInputError(f"the subnet cannot run on {hardware} ({reason}); "
+                              f"pick a runnable subnet (search with --hardware {hardware}) or another --hardware")
+    over = [f"{k} {costs[k]:.4g} > {v:g}" for k, v in (budget or {}).items()
+            if k in costs and costs[k] is not None and float(costs[k]) > float(v) * (1 + 1e-6)]
+    if over:
+        raise FinalInputError(f"the subnet is over the search's budget on {hardware} ({', '.join(over)}); "
+                              f"finetune a subnet that meets it, or pass the hardware it was searched on")
+
+
+def run_final(target: FinalTarget, settings: FinalSettings, log: Callable[[str], None] = print,
+              enforce_budget: bool = True) -> dict[str, Any]:
     """Finetune, test, export and report one subnet (module doc); returns the report row.
 
-    Raises :class:`FinalInputError` for bad input (before training where it can be known)."""
+    Raises :class:`FinalInputError` for bad input (before training where it can be known): among
+    them a subnet the hardware cannot run, and with ``enforce_budget`` one over its target's budget
+    (baselines finetune their rows whatever the budget: their reports mark it)."""
     for path, what in ((settings.recipe, "recipe"), (settings.supernet, "supernet checkpoint")):
         if not Path(path).is_file():
             raise FinalInputError(f"{what} not found: {path}")
@@ -224,6 +244,9 @@ def run_final(target: FinalTarget, settings: FinalSettings, log: Callable[[str],
     if subnet.bits is None and not settings.gives("--model.policy"):
         raise FinalInputError("the subnet has no bit policy ('bits'); search with an MP predictor, or give one with "
                               "--model.policy uniform8 (the final model is quantized)")
+    if subnet.bits is not None:
+        check_deployable(subnet, space, settings.hardware or target.hardware or "bitfusion",
+                         target.budget if enforce_budget else None)
     out = Path(settings.out)
     inputs = fingerprint(subnet, settings)
     done = _finished(out, inputs, settings.force, settings.onnx)

@@ -8,7 +8,6 @@ so a resumed or repeated command leaves one row per run.
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -26,25 +25,6 @@ _SCALE = {"bitops": (1e9, "GBitOps"), "size_bytes": (1e6, "size MB")}
 _DIGITS = {"top1": 4, "predicted_acc": 4, "prediction_error": 4, "achieved_acc": 4, "fp_acc": 4, "ptq_acc": 4,
            "val_acc": 4, "latency_ms": 4, "energy_mJ": 4, "bitops": 3, "size_bytes": 3, "GBitOps": 3,
            "size_MB": 3, "search_wall_time_s": 3, "finetune_wall_time_s": 1}
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write JSON atomically (a temporary beside the target, renamed over it): a killed run never
-    leaves a half-written report that a later run would take for a finished one."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(data, indent=1, default=_plain) + "\n")
-    os.replace(tmp, p)
-    return p
-
-
-def _plain(value: Any) -> Any:
-    if hasattr(value, "item"):
-        return value.item()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 def format_cell(column: str, value: Any) -> str:
@@ -111,4 +91,4 @@ def append_row(stem: str | Path, row: Mapping[str, Any], columns: Sequence[str] 
     return csv_path, md_path
 
 
-__all__ = ["FINAL_COLUMNS", "append_row", "format_cell", "markdown_table", "write_json"]
+__all__ = ["FINAL_COLUMNS", "append_row", "format_cell", "markdown_table"]

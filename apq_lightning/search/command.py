@@ -12,12 +12,12 @@ space, a missing checkpoint -- is one line on stderr and exit code 2, before any
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from apq_lightning.outputs import check_output_file, write_json
 from apq_lightning.search.constraints import COST_METRICS, parse_budgets
 from apq_lightning.search.runner import MODES, SearchSettings
 
@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=None, help="classifier width for the cost model")
     p.add_argument("--threads", type=int, default=1, help="torch threads during the search (default 1)")
     p.add_argument("--out", default=None, help="result JSON (default: print only)")
-    p.add_argument("--plot", default=None, help="also write a PNG of accuracy vs latency")
+    p.add_argument("--plot", default=None, help="also write a PNG of accuracy vs latency (.png is added when the "
+                   "name has no such suffix)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -90,6 +91,7 @@ def main(argv: Sequence[str]) -> int:
     from apq_lightning.search import runner  # torch + cost models: after argparse, so --help is quick
 
     try:
+        out, plot = _check_outputs(args)  # before the search: a bad path must not cost the result
         budgets = parse_budgets(args.constraint)
         settings = _settings(args)
         predictor = load_predictor(args.predictor, args.space)
@@ -120,13 +122,32 @@ def main(argv: Sequence[str]) -> int:
         print(f"{r.mode} search, {r.budget} on {r.settings['hardware']} ({r.settings['space']}): "
               f"{r.scored:,} subnets scored in {r.wall_time_s:.2f} s")
         print(r.table())
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(doc, indent=1) + "\n")
+    if out is not None:
+        try:
+            write_json(out, doc)
+        except ValueError as err:
+            print(f"search: {out}: {err}", file=sys.stderr)
+            return 1
         print(f"wrote {out}")
-    if args.plot:
+    if plot is not None:
         from apq_lightning.search.report import plot_search
 
-        print(f"wrote {plot_search(results, args.plot)}")
+        print(f"wrote {plot_search(results, plot)}")
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> tuple[Path | None, Path | None]:
+    """``--out`` and ``--plot`` as the files that will be written (``--plot X`` -> ``X.png``), and
+    the counts that must be positive; ValueError naming the option otherwise."""
+    for name in ("top_k", "threads"):
+        value = getattr(args, name)
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be >= 1")
+    out = check_output_file(args.out, "--out") if args.out else None
+    plot = None
+    if args.plot:
+        plot = Path(args.plot)
+        plot = check_output_file(plot if plot.suffix.lower() == ".png" else Path(f"{plot}.png"), "--plot")
+    if out is not None and plot is not None and out.resolve() == plot.resolve():
+        raise ValueError(f"--out and --plot are the same file {out}")
+    return out, plot

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from apq_lightning.outputs import write_json
 from apq_lightning.search.constraints import COST_METRICS, Budget
 from apq_lightning.space import Subnet
 
@@ -69,10 +69,7 @@ class SearchResult:
         return out
 
     def save(self, path: str | Path) -> Path:
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        return p
+        return write_json(path, self.to_dict())
 
     def table(self, rows: int = 5) -> str:
         """A short fixed-width table of the top ``rows`` results."""
