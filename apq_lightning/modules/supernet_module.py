@@ -11,6 +11,7 @@ different architectures would be averaged): the sampler is seeded from ``(seed, 
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -27,10 +28,12 @@ from apq_lightning.modules.common import (
     check_training_args,
     configure_sgd_phases,
 )
+from apq_lightning.quant.supernet import quantize_supernet, reestimate_supernet
 from apq_lightning.space import SearchSpace, Subnet, get_space
+from apq_lightning.space.policy_sampling import check_sampler, sample_policy
 from apq_lightning.supernet import Supernet, load_supernet, recalibrate_bn
 
-PHASE_NAMES = ("full", "kernel", "depth", "width")
+PHASE_NAMES = ("full", "kernel", "depth", "width", "quant")
 
 
 @dataclass
@@ -43,14 +46,22 @@ class Phase:
     i.e. multiples of Cin) or ``all`` (the fine-grained step-8 set).
     ``lr``: the phase's peak learning rate under ``lr_schedule: phase`` (``None`` = the module's
     ``lr``); once-for-all trains its elastic phases at a fraction of the full network's rate.
+
+    ``quant`` (quantized-for-all, after the width phases): every sub-step also draws a bit policy
+    (``sampler``, see :mod:`apq_lightning.space.policy_sampling`) and runs the subnet quantized
+    inside the supernet, with batch-statistics ranges (so ranges stay right when the policy
+    changes every step), distilled from the float full network; ``sandwich``: the first sub-step
+    of every step trains the largest architecture (at a random policy).
     """
 
-    name: Literal["full", "kernel", "depth", "width"] = "full"
+    name: Literal["full", "kernel", "depth", "width", "quant"] = "full"
     epochs: int = 1
     kernels: list[int] | None = None
     depths: list[int] | None = None
     widths: Literal["max", "coarse", "all"] | None = None
     lr: float | None = None
+    sampler: str = "spread"
+    sandwich: bool = True
 
     def __post_init__(self) -> None:
         # Messages start with "phases" so that the CLI can name the recipe key.
@@ -58,6 +69,10 @@ class Phase:
             raise ValueError(f"phases: phase name {self.name!r} unknown; allowed: {list(PHASE_NAMES)}")
         if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
             raise ValueError(f"phases: phase {self.name!r} has epochs={self.epochs!r}; must be an integer >= 1")
+        try:
+            check_sampler(self.sampler)
+        except ValueError as err:
+            raise ValueError(f"phases: phase {self.name!r}: {err}") from None
         if self.widths not in (None, "max", "coarse", "all"):
             raise ValueError(f"phases: phase {self.name!r} has widths={self.widths!r}; allowed: max, coarse, all")
         if self.lr is not None:
@@ -283,6 +298,8 @@ class SupernetModule(DistilledTraining):
             teacher = self.supernet.extract(self.space.largest())
             recalibrate_bn(teacher, calibration_batches(self.trainer, self.hparams.bn_calib_batches))
             self.set_teacher(teacher)
+        if phase.name == "quant":
+            self.quantize_for_all()
         self._phase_seen = idx
         rank_zero_info(f"progressive shrinking: phase {idx} ({phase.name}) from epoch {self.current_epoch}")
 
@@ -292,8 +309,27 @@ class SupernetModule(DistilledTraining):
         return np.random.default_rng([self.hparams.seed, self.global_step, j])
 
     def sample_training_subnet(self, j: int = 0) -> Subnet:
-        choices = self._choices[self.phase_index()]
-        return sample_from(choices, self.space, self.step_rng(j))
+        phase = self.phases[self.phase_index()]
+        rng = self.step_rng(j)
+        if phase.name == "quant" and phase.sandwich and j == 0:
+            subnet = self.space.largest()
+        else:
+            subnet = sample_from(self._choices[self.phase_index()], self.space, rng)
+        if phase.name == "quant":
+            subnet = subnet.with_bits(sample_policy(self.space, rng, phase.sampler))
+        return subnet
+
+    # ---- quantized-for-all -----------------------------------------------------------------
+    @property
+    def quantized(self) -> bool:
+        return getattr(self.supernet, "_apq_quant", None) is not None
+
+    def quantize_for_all(self) -> None:
+        """Put batch-range quantizers into the supernet (once; the quant phase trains through them)."""
+        if not self.quantized:
+            quantize_supernet(self.supernet, ranges="batch")
+            if self.hparams.channels_last:
+                self.supernet.to(memory_format=torch.channels_last)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         x, y = batch
@@ -312,11 +348,22 @@ class SupernetModule(DistilledTraining):
     # ---- validation: largest, smallest and fixed random subnets, BN re-calibrated ----------
     def on_validation_epoch_start(self) -> None:
         self._eval_models = {}
+        if self.quantized:  # quant phase: the subnets at uniform low bits, scored as qfa samples are
+            self._quantized_eval_models()
+            return
         for name, subnet in self.eval_subnets.items():
             model = self.supernet.extract(subnet)
             if self.hparams.channels_last:
                 model.to(memory_format=torch.channels_last)
             recalibrate_bn(model, calibration_batches(self.trainer, self.hparams.bn_calib_batches))
+            self._eval_models[name] = model.eval()
+
+    def _quantized_eval_models(self) -> None:
+        low = min(self.space.bit_choices)
+        for name, subnet in self.eval_subnets.items():
+            model = copy.deepcopy(self.supernet)
+            model.set_active(subnet.with_bits(self.space.uniform_policy(low)))
+            reestimate_supernet(model, calibration_batches(self.trainer, self.hparams.bn_calib_batches))
             self._eval_models[name] = model.eval()
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -336,6 +383,7 @@ class SupernetModule(DistilledTraining):
     # ---- checkpoints ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["apq_phase_seen"] = self._phase_seen
+        checkpoint["apq_quantized"] = self.quantized
         if self.teacher is not None:
             checkpoint["apq_teacher"] = {
                 "subnet": self.teacher.subnet.to_dict(),
@@ -344,6 +392,8 @@ class SupernetModule(DistilledTraining):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._phase_seen = int(checkpoint.get("apq_phase_seen", -1))
+        if checkpoint.get("apq_quantized"):  # before Lightning loads the state dict: it holds the ranges
+            self.quantize_for_all()
         teacher = checkpoint.get("apq_teacher")
         if teacher is not None:
             model = SubnetModel(Subnet.from_dict(teacher["subnet"]), self.hparams.num_classes)

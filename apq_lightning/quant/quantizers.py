@@ -37,9 +37,10 @@ The range ``v`` is a buffer, not a parameter: APQ chooses it once by KL calibrat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -158,6 +159,42 @@ def _fake_quantize_cpu(x: Tensor, scale: float, inv_scale: float, qmin: int, qma
     return _fq_values(x, scale, inv_scale, qmin, qmax)
 
 
+def tensor_amax(x: Tensor, signed: bool, ch_axis: int | None = None) -> Tensor:
+    """The range ``v`` that covers ``x`` exactly: ``max |x|`` (signed) or ``max(x, 0)``
+    (unsigned), per tensor or per slice along ``ch_axis``; detached, float32."""
+    x = x.detach()
+    if ch_axis is not None:
+        x = x.movedim(ch_axis, 0).reshape(x.shape[ch_axis], -1)
+        return (x.abs().amax(1) if signed else x.amax(1).clamp_min(0.0)).float()
+    return (x.abs().amax() if signed else x.amax().clamp_min(0.0)).float()
+
+
+def fake_quantize_range(x: Tensor, v: Tensor, bits: int, signed: bool, ch_axis: int | None = None,
+                        covers: bool = False) -> Tensor:
+    """Fake-quantize with a range that changes from call to call (batch or tensor ranges).
+
+    Unlike :class:`LinearQuantizer`'s calibrated path, nothing is cached per range and, off the
+    CPU, the scale stays a device tensor (no host sync per quantizer per step). ``covers=True``
+    says ``v`` covers every value of ``x`` (``v`` was measured on ``x``): nothing is clipped, so
+    the straight-through gradient passes everywhere and no STE window is computed.
+    """
+    qmin, qmax = qrange(bits, signed)
+    scale = v.float().clamp_min(_MIN_RANGE) / qmax
+    if ch_axis is None and x.device.type == "cpu" and x.dtype == torch.float32 and LinearQuantizer.fast_cpu:
+        s = float(scale)
+        window = (-math.inf, math.inf) if covers else ste_window(s, qmin, qmax)
+        return _fake_quantize_cpu(x, s, _reciprocal(s), qmin, qmax, *window)
+    if ch_axis is not None:
+        zp = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+        return torch.fake_quantize_per_channel_affine(x, scale, zp, ch_axis, qmin, qmax)
+    zp = torch.zeros((1,), dtype=torch.int32, device=scale.device)
+    return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zp, qmin, qmax)
+
+
+RangeSource = Literal["calibrated", "batch", "tensor"]
+RANGE_SOURCES: tuple[str, ...] = ("calibrated", "batch", "tensor")
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """Configuration of one quantizer (a value type, so policies can be hashed and compared).
@@ -251,6 +288,12 @@ class LinearQuantizer(nn.Module):
         # Quantization parameters derived from (v, bits, signed), rebuilt when one of them
         # changes (see _qparams); never saved.
         self._qcache: tuple[Any, ...] | None = None
+        # Where the range comes from (see set_range_source): a calibrated, fixed ``v`` (APQ's
+        # way), or the tensor itself (quantized-for-all training, where bits and architecture
+        # change every step and weights move under a fixed range).
+        self.range_source: RangeSource = "calibrated"
+        self.range_momentum: float | None = 0.1
+        self._range_updates = 0
 
     def reset(self) -> LinearQuantizer:
         """Forget the range (uncalibrated, ``v = 0``) and any observed histogram."""
@@ -261,7 +304,55 @@ class LinearQuantizer(nn.Module):
         self._set_calibrated(False)
         self.observer = None
         self.observing = False
+        self._range_updates = 0
         return self
+
+    def set_range_source(self, source: RangeSource, momentum: float | None = 0.1) -> LinearQuantizer:
+        """Where ``v`` comes from.
+
+        * ``calibrated`` -- set by calibration (KL / min-max) and kept fixed (the default);
+        * ``tensor`` -- ``v`` covers the tensor at every call (weights under training: the range
+          follows the weights, whatever subnet and bits are active);
+        * ``batch`` -- in training mode the batch's own range quantizes the batch (stable when the
+          policy changes every step) and updates a running ``v`` with ``momentum`` (``None``: a
+          cumulative average, for re-estimation on fixed images, as BatchNorm does); in eval mode
+          the running ``v`` is used.
+        """
+        if source not in RANGE_SOURCES:
+            raise ValueError(f"range source {source!r} unknown; allowed: {list(RANGE_SOURCES)}")
+        if momentum is not None and not 0.0 < momentum <= 1.0:
+            raise ValueError(f"range momentum must be in (0, 1] or None (cumulative), got {momentum!r}")
+        self.range_source, self.range_momentum = source, momentum
+        return self
+
+    def _track(self, x: Tensor) -> Tensor:
+        """The range of ``x`` (this call's), folded into the running ``v``."""
+        if self.signed is None:  # decided once, from the first batch (one host sync)
+            self.signed = bool((x.detach() < 0).any())
+        vb = tensor_amax(x, self.signed is not False, self.ch_axis if self.per_channel else None)
+        with torch.no_grad():
+            if self.v.shape != vb.shape or self._range_updates == 0:
+                self.v = vb.clone().to(self.v.dtype) if self.v.shape != vb.shape else self.v.copy_(vb)
+            elif self.range_momentum is None:
+                self.v.add_((vb - self.v) / (self._range_updates + 1))
+            else:
+                self.v.lerp_(vb, self.range_momentum)
+        self._range_updates += 1
+        if not self.is_calibrated:
+            self._set_calibrated(True)
+        return vb
+
+    def _forward_tracked(self, x: Tensor) -> Tensor:
+        if not self.enabled or self.bits is None:
+            return x
+        signed_axis = self.ch_axis if self.per_channel else None
+        if self.range_source == "tensor" or self.training:
+            v = self._track(x)
+            return fake_quantize_range(x, v, self.bits, self.signed is not False, signed_axis, covers=True)
+        if not self.is_calibrated:
+            raise RuntimeError("a batch-range quantizer has no running range yet: run training batches, or "
+                               "re-estimate the ranges on a few batches (reestimate_supernet) before evaluating")
+        return fake_quantize_range(x, self.v, self.bits, self.signed is not False, signed_axis)
 
     # ------------------------------------------------------------------ construction / config
     @classmethod
@@ -391,6 +482,8 @@ class LinearQuantizer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
+        if self.range_source != "calibrated" and not self.observing:
+            return self._forward_tracked(x)
         if self.observing:
             if self.observer is not None:
                 self.observer.update(x)

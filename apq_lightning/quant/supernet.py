@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,7 @@ __all__ = [
     "calibrate_supernet",
     "supernet_quant_disabled",
     "dequantize_supernet",
+    "reestimate_supernet",
 ]
 
 
@@ -95,6 +96,13 @@ class SupernetQuantizer(nn.Module):
     def forward(self, x: Tensor, weight: Tensor, bits: tuple[int | None, int | None]) -> tuple[Tensor, Tensor]:
         w_bits, a_bits = bits
         iq = self.input_quantizer
+        if iq.range_source != "calibrated":  # batch ranges (quantized-for-all): nothing to calibrate
+            wq = self.weight_quantizer
+            if iq.bits != a_bits:
+                iq.bits = validate_bits(a_bits, iq.allowed_bits, what=f"{self.name or 'conv'} a_bits")
+            if wq.bits != w_bits:
+                wq.bits = validate_bits(w_bits, wq.allowed_bits, what=f"{self.name or 'conv'} w_bits")
+            return iq(x), wq(weight)
         if iq.observing:  # calibration: record the float input, derive the weight range once
             iq(x)
             self._sync_weight(weight, w_bits)
@@ -115,11 +123,15 @@ class SupernetQuantizer(nn.Module):
         return f"name={self.name!r}"
 
 
+SupernetRanges = Literal["calibrated", "batch"]
+
+
 @dataclass
 class _SupernetQuantState:
     fixed_bits: int | None
     method: CalibrationMethod
     per_channel: bool
+    ranges: SupernetRanges = "calibrated"
     calibrated_arch: Subnet | None = None
     enabled: bool = True
     calibrating: bool = False
@@ -142,7 +154,7 @@ def _dynamic_convs(supernet: Supernet) -> Iterator[tuple[int, str, DynamicConv, 
 
 def _check_arch(supernet: Supernet, args: Any) -> None:
     st = supernet._apq_quant  # type: ignore[attr-defined]
-    if not st.enabled or st.calibrating:
+    if not st.enabled or st.calibrating or st.ranges == "batch":
         return
     if st.calibrated_arch is None or not same_arch(st.calibrated_arch, supernet.active_subnet):
         raise RuntimeError(
@@ -158,9 +170,18 @@ def quantize_supernet(
     fixed_bits: FixedBits = "space",
     method: CalibrationMethod = "kl",
     per_channel: bool = False,
+    ranges: SupernetRanges = "calibrated",
 ) -> Supernet:
-    """Attach quantizers to a supernet in place (see the module docstring). Call
-    :func:`calibrate_supernet` next. Idempotent: a second call only changes ``fixed_bits``."""
+    """Attach quantizers to a supernet in place (see the module docstring). Idempotent: a second
+    call only changes ``fixed_bits`` and ``ranges``.
+
+    ``ranges="calibrated"`` (APQ's way): call :func:`calibrate_supernet` next, for each
+    architecture. ``ranges="batch"`` (quantized-for-all training and its samples): weight ranges
+    follow the weights at every call and activation ranges come from the batch in training mode
+    (a running range in eval mode), so any subnet and policy runs at once; before evaluating one,
+    :func:`reestimate_supernet` re-estimates its BatchNorm statistics and running ranges."""
+    if ranges not in ("calibrated", "batch"):
+        raise ValueError(f"ranges {ranges!r} unknown; allowed: calibrated, batch")
     check_method(method)
     space = supernet.space
     fixed = resolve_fixed_bits(space, fixed_bits)
@@ -171,6 +192,7 @@ def quantize_supernet(
     if st is not None:
         st.fixed_bits = fixed
         st.calibrated_arch = None  # the fixed layers' ranges are gone with their bits
+        _set_range_source(supernet, ranges)
         return supernet
     for i, attr, conv, signed in _dynamic_convs(supernet):
         conv.quantizer = SupernetQuantizer(
@@ -179,6 +201,66 @@ def quantize_supernet(
     st = _SupernetQuantState(fixed, method, per_channel)
     st.hook = supernet.register_forward_pre_hook(_check_arch)
     supernet._apq_quant = st  # type: ignore[attr-defined]
+    _set_range_source(supernet, ranges)
+    return supernet
+
+
+def _all_quantizers(supernet: Supernet) -> Iterator[tuple[LinearQuantizer, LinearQuantizer]]:
+    """``(weight quantizer, input quantizer)`` of every block conv and every fixed layer."""
+    for _, _, conv, _ in _dynamic_convs(supernet):
+        q = conv.quantizer
+        if isinstance(q, SupernetQuantizer):
+            yield q.weight_quantizer, q.input_quantizer
+    for m in _fixed_quant_layers(supernet):
+        yield m.weight_quantizer, m.input_quantizer
+
+
+def _set_range_source(supernet: Supernet, ranges: SupernetRanges, momentum: float | None = 0.1) -> None:
+    st = _state(supernet)
+    st.ranges = ranges
+    for wq, iq in _all_quantizers(supernet):
+        wq.set_range_source("tensor" if ranges == "batch" else "calibrated")
+        iq.set_range_source("batch" if ranges == "batch" else "calibrated", momentum)
+        if ranges == "batch":
+            wq.reset(), iq.reset()
+    st.calibrated_arch = None
+
+
+@torch.no_grad()
+def reestimate_supernet(supernet: Supernet, batches: Iterable[Any], num_batches: int | None = None) -> Supernet:
+    """BatchNorm statistics and running activation ranges of the *active* subnet and policy,
+    re-estimated on fixed images (a supernet quantized with ``ranges="batch"``).
+
+    Why: the supernet's running statistics are a mix over every subnet and policy trained; a
+    subnet is scored with its own, measured with quantization on, as it will run. Both are
+    cumulative averages over the batches (not running averages), so the result does not depend
+    on earlier subnets. Leaves the supernet in eval mode.
+    """
+    st = _state(supernet)
+    if st.ranges != "batch":
+        raise ValueError("reestimate_supernet needs a supernet quantized with ranges='batch' "
+                         "(quantize_supernet(net, ranges='batch')); calibrated ranges use calibrate_supernet")
+    bns = [m for m in supernet.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average
+    _set_range_source(supernet, "batch", momentum=None)
+    device = next(supernet.parameters()).device
+    supernet.train()
+    seen = 0
+    try:
+        for x in iter_images(batches, num_batches, device):
+            supernet(x)
+            seen += 1
+    finally:
+        for bn, m in zip(bns, saved):
+            bn.momentum = m
+        for _, iq in _all_quantizers(supernet):
+            iq.range_momentum = 0.1
+        supernet.eval()
+    if seen == 0:
+        raise ValueError("reestimate_supernet got no batches")
     return supernet
 
 
