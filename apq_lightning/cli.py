@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "final": "finetune a searched subnet, test it, export it (+ ONNX) and report it (stage 7)",
     "baselines": "fixed-precision, sequential and random-search baselines under the same budget",
     "export-supernet": "a trained supernet as one small weights-only file (later stages start from it)",
+    "import-supernet": "the APQ reference's released ImageNet supernet as such a file: start at stage 2",
     "transfer-study": "MP predictor from the FP one vs. from scratch at growing MP sample counts (APQ Fig. 7)",
 }
 """Every command of ``apq``, with its one-line description (the help lists them in this order)."""
@@ -141,10 +142,14 @@ def main(argv: list[str] | None = None) -> int:
         return search_main(args[1:])
     if command == "export-supernet":
         return export_supernet_main(args[1:])
-    if command == "transfer-study":
-        from apq_lightning import transfer_study
+    if command == "import-supernet":
+        from apq_lightning.apq_reference import import_supernet_main
 
-        return transfer_study.main(args[1:])
+        return import_supernet_main(args[1:])
+    if command == "transfer-study":
+        from apq_lightning import study
+
+        return study.main(args[1:])
     if command in ("final", "baselines"):
         from apq_lightning.final import command as final_command
 

@@ -12,20 +12,21 @@ load unchanged.
 Torch-free like :mod:`apq_lightning.space`: the search encodes whole populations as integer
 genomes, and the cost of a Python loop per subnet would dominate it. Every encoder here is a
 handful of array operations on ``(N, genome_length)`` integer arrays. Because the input is
-one-hot, ``feature_indices`` also returns the *positions* of the ones, so that a dense first
-layer can be applied as a sum of selected weight rows (what the search does).
+one-hot, ``feature_indices`` also returns the *positions* of the ones (``encode_genomes`` sets
+them); a first layer on them is a sum of selected weight rows, which
+:mod:`apq_lightning.mlp_scorer` pre-sums per block choice. Subnets and dicts become genomes
+through :func:`apq_lightning.space.to_genomes`, like everywhere else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 import numpy as np
 
-from apq_lightning.space import BIT_FIELDS, SearchSpace, Subnet, get_space
+from apq_lightning.space import BIT_FIELDS, Population, SearchSpace, Subnet, check_genomes, get_space, to_genomes
 
 PARTS: tuple[str, ...] = ("kernels", "widths", *BIT_FIELDS)
 """Encoded genes per block, in layout order."""
@@ -58,7 +59,7 @@ class Encoder:
         there (or drop those entries), so every row has the same number of indices.
         """
         sp = self.space
-        g = _as_genomes(genomes, sp)
+        g = check_genomes(sp, genomes)
         active = sp.genome_active(g)  # (N, B)
         sl = sp.genome_slices()
         parts = PARTS if quantized else PARTS[:2]
@@ -75,22 +76,11 @@ class Encoder:
         return out[:, :d]
 
     # ---- subnets -----------------------------------------------------------------------
-    def encode(self, subnets: Sequence[Subnet | Mapping[str, Any]] | Subnet, quantized: bool = True) -> np.ndarray:
-        """Features of subnets (or subnet JSON dicts, either format); a float subnet's bits count as
-        the largest choice, as an 8-bit policy would (``quantized=False`` drops the part)."""
-        if isinstance(subnets, (Subnet, Mapping)):
-            subnets = [subnets]
-        genomes = np.stack([self.space.to_genome(self._subnet(s)) for s in subnets]) if len(subnets) else \
-            np.zeros((0, self.space.genome_length), dtype=np.int64)
-        return self.encode_genomes(genomes, quantized)
-
-    def _subnet(self, s: Subnet | Mapping[str, Any]) -> Subnet:
-        subnet = s if isinstance(s, Subnet) else Subnet.from_dict(s, s.get("space", self.space.name))
-        if subnet.space != self.space.name:
-            raise ValueError(
-                f"subnet of space {subnet.space!r} given to an encoder of space {self.space.name!r}"
-            )
-        return subnet
+    def encode(self, subnets: Population, quantized: bool = True) -> np.ndarray:
+        """Features of a population in any form of :func:`~apq_lightning.space.to_genomes` (subnets,
+        subnet JSON dicts of either format, genomes); a float subnet's bits count as the largest
+        choice, as an 8-bit policy would (``quantized=False`` drops the part)."""
+        return self.encode_genomes(to_genomes(self.space, subnets), quantized)
 
     def decode(self, features: np.ndarray) -> list[Subnet]:
         """Subnets back from features (round trip of :meth:`encode`; depths from active blocks)."""
@@ -143,22 +133,6 @@ def _encoder(name: str) -> Encoder:
 def get_encoder(space: str | SearchSpace) -> Encoder:
     """The (cached) encoder of a registered space."""
     return _encoder(get_space(space).name)
-
-
-def _as_genomes(genomes: np.ndarray, sp: SearchSpace) -> np.ndarray:
-    g = np.atleast_2d(np.asarray(genomes))
-    if g.ndim != 2 or g.shape[1] != sp.genome_length:
-        raise ValueError(
-            f"space {sp.name!r}: genomes must have shape (N, {sp.genome_length}), got {np.asarray(genomes).shape}"
-        )
-    if not np.issubdtype(g.dtype, np.integer):
-        raise ValueError(f"genomes must be integer arrays, got dtype {g.dtype}")
-    if (g < 0).any() or (g >= sp.gene_cardinality).any():
-        row, col = map(int, np.argwhere((g < 0) | (g >= sp.gene_cardinality))[0])
-        raise ValueError(
-            f"space {sp.name!r}: genome {row}, gene {col} = {g[row, col]} outside [0, {sp.gene_cardinality[col]})"
-        )
-    return g.astype(np.int64, copy=False)
 
 
 def encode(subnets: Sequence[Subnet] | Subnet, quantized: bool = True) -> np.ndarray:

@@ -1,9 +1,15 @@
-"""Ranking metrics of accuracy predictors (DESIGN.md §4).
+"""The accuracy numbers of the project: a classifier's top-1 (:func:`top1`) and the ranking
+metrics of accuracy predictors (DESIGN.md §4).
+
+Each is written once here and called by everything that reports it (sample collection, QAT,
+the predictor module, its scatter plot, the transfer study), so two reports of "the same"
+number cannot drift apart.
 
 The search only ever *compares* predicted accuracies, so the metric that matters is the share
 of pairs a predictor orders correctly (APQ's "pairwise accuracy"); Kendall's τ
 (``torchmetrics.regression.KendallRankCorrCoef``) and RMSE (``MeanSquaredError(squared=False)``)
-are reported beside it.
+are reported beside it; :func:`predictor_metrics` computes the three together, and
+:class:`PredictorMetrics` is the same as a ``torchmetrics`` metric (for the Lightning module).
 
 :class:`PairwiseAccuracy` keeps every prediction as a concatenated list state
 (``dist_reduce_fx="cat"``), so under DDP every rank computes over the whole held-out set, and
@@ -13,11 +19,65 @@ instead of materialising ``n²`` comparisons: 20k samples are 2·10⁸ pairs.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
+
 import torch
+from torch import nn
 from torchmetrics import Metric
+from torchmetrics.functional.regression import kendall_rank_corrcoef
 from torchmetrics.utilities import dim_zero_cat
 
-__all__ = ["PairwiseAccuracy", "count_inversions", "pairwise_accuracy", "pairwise_counts"]
+__all__ = [
+    "PREDICTOR_METRICS",
+    "PairwiseAccuracy",
+    "PredictorMetrics",
+    "count_inversions",
+    "pairwise_accuracy",
+    "pairwise_counts",
+    "predictor_metrics",
+    "top1",
+]
+
+PREDICTOR_METRICS: tuple[str, ...] = ("pairwise_acc", "kendall_tau", "rmse")
+"""The keys of :func:`predictor_metrics` (logged as ``val/<key>``, ``test/<key>``)."""
+
+
+@torch.no_grad()
+def top1(
+    model: nn.Module,
+    batches: Iterable[Sequence[torch.Tensor]],
+    max_batches: int | None = None,
+    device: torch.device | str | None = None,
+    channels_last: bool = False,
+) -> float:
+    """Top-1 accuracy of ``model`` in eval mode over ``(images, labels, ...)`` batches (the model's
+    mode is restored).
+
+    ``device`` / ``channels_last`` move and lay out each batch first (``None`` / ``False``: the
+    batches are used as they come, e.g. images cached on the device once). At most
+    ``max_batches`` batches (``None``: all). No image at all is a ValueError: an accuracy of an
+    empty set would read as a measured 0.
+    """
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for i, batch in enumerate(batches):
+            if max_batches is not None and i >= max_batches:
+                break
+            x, y = batch[0], batch[1]
+            if device is not None:
+                x, y = x.to(device), y.to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            correct += int((model(x).argmax(1) == y).sum())
+            total += len(y)
+    finally:
+        model.train(was_training)
+    if total == 0:
+        raise ValueError("top1: no evaluation images")
+    return correct / total
 
 
 def count_inversions(x: torch.Tensor) -> int:
@@ -90,18 +150,27 @@ def pairwise_accuracy(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return torch.tensor((c + 0.5 * ties) / valid if valid else float("nan"), dtype=torch.float32)
 
 
-class PairwiseAccuracy(Metric):
-    """APQ's pairwise accuracy as a ``torchmetrics`` metric (see :func:`pairwise_accuracy`).
+def predictor_metrics(preds: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """Pairwise accuracy (APQ's), Kendall's τ-b and RMSE of predicted vs. true accuracies.
 
-    Pairs are formed over *everything* seen since the last reset (all batches, all ranks), not
-    within batches, which is why the states are lists concatenated across processes.
+    NaN where a metric is undefined: the two ranking metrics below two samples, RMSE on none.
     """
+    p, t = preds.detach().reshape(-1).float(), target.detach().reshape(-1).float()
+    if p.shape != t.shape:
+        raise ValueError(f"preds and target must have the same number of elements, got {p.numel()} and {t.numel()}")
+    n = p.numel()
+    return {
+        "pairwise_acc": float(pairwise_accuracy(p, t)),
+        "kendall_tau": float(kendall_rank_corrcoef(p, t, variant="b")) if n > 1 else math.nan,
+        "rmse": float(torch.sqrt(torch.mean((p - t) ** 2))) if n else math.nan,
+    }
+
+
+class _CatStates(Metric):
+    """Every ``(pred, target)`` since the last reset, concatenated across batches and ranks."""
 
     is_differentiable = False
-    higher_is_better = True
     full_state_update = False
-    plot_lower_bound = 0.0
-    plot_upper_bound = 1.0
 
     def __init__(self, **kwargs) -> None:  # noqa: ANN003 (torchmetrics' Metric kwargs)
         super().__init__(**kwargs)
@@ -116,6 +185,29 @@ class PairwiseAccuracy(Metric):
         self.preds.append(preds.detach().reshape(-1).float())
         self.target.append(target.detach().reshape(-1).float())
 
+    def _cat(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return dim_zero_cat(self.preds), dim_zero_cat(self.target)
+
+
+class PredictorMetrics(_CatStates):
+    """:func:`predictor_metrics` as a ``torchmetrics`` metric: ``compute`` returns the dict of
+    :data:`PREDICTOR_METRICS` over everything seen (all batches, all ranks)."""
+
+    def compute(self) -> dict[str, float]:
+        return predictor_metrics(*self._cat())
+
+
+class PairwiseAccuracy(_CatStates):
+    """APQ's pairwise accuracy as a ``torchmetrics`` metric (see :func:`pairwise_accuracy`).
+
+    Pairs are formed over *everything* seen since the last reset (all batches, all ranks), not
+    within batches, which is why the states are lists concatenated across processes.
+    """
+
+    higher_is_better = True
+    plot_lower_bound = 0.0
+    plot_upper_bound = 1.0
+
     def compute(self) -> torch.Tensor:
-        preds, target = dim_zero_cat(self.preds), dim_zero_cat(self.target)
+        preds, target = self._cat()
         return pairwise_accuracy(preds, target).to(preds.device)

@@ -13,27 +13,29 @@ reference's state dicts: :meth:`AccuracyPredictor.from_apq_checkpoint` loads its
 the evolution search reads the weights directly.
 
 Whole populations are scored at once: :meth:`AccuracyPredictor.predict` turns subnets, JSON
-dicts or integer genomes into *indices of the ones* of the one-hot features
-(:meth:`~apq_lightning.encoding.Encoder.feature_indices`) and applies the first layer as a sum of
-selected weight rows (``embedding_bag``), which never builds the dense ``(N, 772)`` input.
+dicts or integer genomes into genomes (:func:`~apq_lightning.space.to_genomes`, the converter
+the sample stores and the encoder use too) and scores them with the search's
+:class:`~apq_lightning.mlp_scorer.MLPScorer`: the first layer as sums of pre-summed weight rows
+(``embedding_bag``), which never builds the dense ``(N, 772)`` input, and the very numbers the
+search ranks by.
 
-This module imports only ``space``, ``encoding`` and ``torch_io`` (DESIGN.md §7).
+This module imports only ``space``, ``encoding``, ``mlp_scorer`` and ``torch_io`` (DESIGN.md §7).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from apq_lightning.encoding import Encoder, get_encoder
-from apq_lightning.space import Subnet, get_space
+from apq_lightning.mlp_scorer import MLPScorer
+from apq_lightning.space import Population, check_genomes, get_space, to_genomes
 from apq_lightning.torch_io import read_torch_file
 
 FORMAT = "apq_lightning.predictor/1"
@@ -42,7 +44,7 @@ FORMAT = "apq_lightning.predictor/1"
 PREDICT_CHUNK = 16384
 """Rows per forward pass in :meth:`AccuracyPredictor.predict` (bounds memory for big populations)."""
 
-PopulationLike = Subnet | Mapping[str, Any] | Sequence[Subnet | Mapping[str, Any]] | np.ndarray | torch.Tensor
+PopulationLike = Population | torch.Tensor
 
 
 class AccuracyPredictor(nn.Module):
@@ -111,13 +113,11 @@ class AccuracyPredictor(nn.Module):
         h = self.layers[0][0](x[:, : enc.fp_dim])
         return self._tail(h, x[:, enc.fp_dim :] if self.quantized else None)
 
-    def _tail(self, h_fp: torch.Tensor, x_q: torch.Tensor | None, q_pre: torch.Tensor | None = None) -> torch.Tensor:
+    def _tail(self, h_fp: torch.Tensor, x_q: torch.Tensor | None) -> torch.Tensor:
         """Everything after the first linear map: ReLU, the bit head, hidden layers, regressor."""
         h = self.layers[0][1](h_fp)
         if x_q is not None:
             h = h + self.quantize_fc(x_q)
-        elif q_pre is not None:
-            h = h + q_pre
         for layer in self.layers[1:]:
             h = layer(h)
         return self.regressor(h).squeeze(-1)
@@ -138,81 +138,35 @@ class AccuracyPredictor(nn.Module):
                 feats = torch.as_tensor(x, dtype=torch.float32, device=self._device())
                 feats = feats.unsqueeze(0) if feats.dim() == 1 else feats
                 return torch.cat([self(c) for c in feats.split(PREDICT_CHUNK)]) if len(feats) else feats.new_zeros(0)
-            return self.predict_genomes(self.genomes_of(x))
+            return self._score(self._genomes(x))
         finally:
             self.train(was_training)
 
     @torch.no_grad()
     def predict_genomes(self, genomes: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Predicted accuracies of integer genomes ``(N, genome_length)``, chunked; the first
-        layer (and ``quantize_fc``) as sums of the weight rows selected by the ones."""
-        g = genomes.cpu().numpy() if isinstance(genomes, torch.Tensor) else np.asarray(genomes)
-        g = np.atleast_2d(g)
-        idx = self.encoder.feature_indices(g, quantized=self.quantized)  # validates shape/range
-        device = self._device()
-        if len(idx) == 0:
-            return torch.zeros(0, device=device)
-        rows = self._gather_weights()
-        n_fp = 2 * self.encoder.space.num_blocks  # kernel + width entries per genome
-        out = []
-        for chunk in np.array_split(idx, max(1, math.ceil(len(idx) / PREDICT_CHUNK))):
-            ids = torch.from_numpy(chunk).to(device)
-            h_fp = F.embedding_bag(ids[:, :n_fp], rows, mode="sum") + self.layers[0][0].bias
-            q_pre = None
-            if self.quantized:
-                q_pre = F.embedding_bag(ids[:, n_fp:], rows, mode="sum") + self.quantize_fc.bias
-            out.append(self._tail(h_fp, None, q_pre))
-        return torch.cat(out)
+        """Predicted accuracies of integer genomes ``(N, genome_length)``: the search's
+        :class:`~apq_lightning.mlp_scorer.MLPScorer` on a snapshot of the current weights, in
+        chunks of :data:`PREDICT_CHUNK` rows."""
+        g = genomes.cpu().numpy() if isinstance(genomes, torch.Tensor) else genomes
+        return self._score(check_genomes(self.encoder.space, g))
 
-    def _gather_weights(self) -> torch.Tensor:
-        """``(in_features + 1, hidden)``: the input weights as rows, plus a zero row that the
-        indices of skipped blocks point at."""
-        parts = [self.layers[0][0].weight.t()]
-        if self.quantized:
-            parts.append(self.quantize_fc.weight.t())
-        parts.append(parts[0].new_zeros(1, self.hidden))
-        return torch.cat(parts)
+    def _genomes(self, x: PopulationLike) -> np.ndarray:
+        """Genomes of any population form but dense features, errors named after this predictor
+        (an MP predictor refuses float subnets: it would score them as 8-bit)."""
+        g = x.cpu().numpy() if isinstance(x, torch.Tensor) else x
+        try:
+            return to_genomes(self.encoder.space, g, need_bits=self.quantized)
+        except ValueError as err:
+            raise ValueError(f"{self._name()}: {err}") from None
 
-    def genomes_of(self, x: PopulationLike) -> np.ndarray:
-        """Integer genomes ``(N, genome_length)`` of any population form accepted by :meth:`predict`."""
-        sp = self.encoder.space
-        if isinstance(x, (np.ndarray, torch.Tensor)):
-            g = x.cpu().numpy() if isinstance(x, torch.Tensor) else x
-            if _is_floating(g):
-                raise ValueError(f"{self._name()}: genomes must be integer arrays, got dtype {g.dtype}")
-            g = np.atleast_2d(g)
-            if g.ndim != 2 or g.shape[1] != sp.genome_length:
-                raise ValueError(
-                    f"{self._name()}: genomes must have shape (N, {sp.genome_length}), got {tuple(np.shape(x))}"
-                )
-            return g.astype(np.int64, copy=False)
-        items = [x] if isinstance(x, (Subnet, Mapping)) else list(x)
-        subnets = [self._as_subnet(s, i) for i, s in enumerate(items)]
-        if not subnets:
-            return np.zeros((0, sp.genome_length), dtype=np.int64)
-        return np.stack([sp.to_genome(s) for s in subnets])
-
-    def _as_subnet(self, s: Subnet | Mapping[str, Any], i: int) -> Subnet:
-        if isinstance(s, Mapping):
-            subnet = Subnet.from_dict(s, s.get("space", self.space))
-        elif isinstance(s, Subnet):
-            subnet = s
-        else:
-            raise ValueError(
-                f"{self._name()}: item {i} is a {type(s).__name__}; expected a Subnet or a subnet JSON dict "
-                f"(or pass the whole population as an integer genome array)"
-            )
-        if subnet.space != self.space:
-            raise ValueError(
-                f"{self._name()}: item {i} is a subnet of space {subnet.space!r}, but this predictor is for "
-                f"space {self.space!r}"
-            )
-        if self.quantized and subnet.bits is None:
-            raise ValueError(
-                f"{self._name()}: item {i} is a float subnet (no 'bits'); an MP predictor needs a bit policy "
-                f"per block: add 'bits' (e.g. subnet.with_bits(8)) or use an FP predictor"
-            )
-        return subnet
+    def _score(self, genomes: np.ndarray) -> torch.Tensor:
+        """Scores of checked genomes, on this predictor's device."""
+        if len(genomes) == 0:
+            return torch.zeros(0, device=self._device())
+        scorer = MLPScorer(self, self.encoder.space)
+        chunks = np.array_split(genomes, math.ceil(len(genomes) / PREDICT_CHUNK))
+        scores = np.concatenate([scorer(chunk) for chunk in chunks])
+        return torch.from_numpy(scores).float().to(self._device())
 
     # ---- transfer ----------------------------------------------------------------------
     def transfer_from(self, fp: AccuracyPredictor | str | Path) -> AccuracyPredictor:

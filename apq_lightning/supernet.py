@@ -262,6 +262,7 @@ class Supernet(MBConvNet):
             _copy_float_state(getattr(self, name), getattr(model, name))
         for static, i in zip(model.blocks, subnet.active_blocks):
             _copy_block(self.blocks[i], static, subnet.kernels[i], subnet.widths[i])
+        set_bn_param(model, **bn_param(self))  # eps is no state entry: the fixed layers need it too
         model.train(self.training)
         return model
 
@@ -282,6 +283,27 @@ def _copy_block(dyn: DynamicMBConv, static: InvertedResidual, kernel: int, mid: 
     _copy_bn(dyn.expand_bn, static.expand.bn, mid)
     _copy_bn(dyn.dw_bn, static.depthwise.bn, mid)
     _copy_bn(dyn.project_bn, static.project.bn, dyn.spec.out_channels)
+
+
+def bn_param(module: nn.Module) -> dict[str, float | None]:
+    """``{"eps", "momentum"}`` of ``module``'s BatchNorm layers (its first one's; the networks
+    here set one pair for all). Neither is a state-dict entry, so a weights file stores them
+    beside the state dict (the APQ reference's supernet runs at eps 1e-3, torch's default is 1e-5)."""
+    bn = next(m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    return {"eps": float(bn.eps), "momentum": None if bn.momentum is None else float(bn.momentum)}
+
+
+def set_bn_param(module: nn.Module, eps: float, momentum: float | None) -> None:
+    """Give every BatchNorm layer of ``module`` this ``eps`` (> 0) and ``momentum`` (in (0, 1], or
+    ``None``: cumulative average); a bad value is a one-line ``ValueError``."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
+        raise ValueError(f"batchnorm eps must be a number in (0, 1), got {eps!r}")
+    if momentum is not None and (isinstance(momentum, bool) or not isinstance(momentum, (int, float))
+                                 or not 0 < momentum <= 1):
+        raise ValueError(f"batchnorm momentum must be a number in (0, 1] or null, got {momentum!r}")
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eps, m.momentum = float(eps), None if momentum is None else float(momentum)
 
 
 def _copy_bn(src: nn.BatchNorm2d, dst: nn.BatchNorm2d, c: int) -> None:
@@ -313,6 +335,12 @@ def supernet_contents(ckpt: dict) -> tuple[object, object, str]:
     return ckpt.get("hyper_parameters"), ckpt.get("state_dict"), CHECKPOINT_PREFIX
 
 
+def is_quantized_for_all(state: dict) -> bool:
+    """Whether a supernet state dict comes from a quantized-for-all phase (it holds the batch-range
+    quantizers' running ranges), i.e. whether any subnet + bit policy can be scored directly."""
+    return any(k.endswith("input_quantizer.v") for k in state)
+
+
 def load_supernet(path: str, map_location: str | torch.device = "cpu") -> Supernet:
     """The supernet of a stage-1 checkpoint or of a weights-only supernet file, loaded safely.
 
@@ -320,9 +348,11 @@ def load_supernet(path: str, map_location: str | torch.device = "cpu") -> Supern
 
     * a Lightning checkpoint of ``SupernetModule`` (``last.ckpt``): its hyperparameters
       ``space``, ``num_classes`` and ``dropout`` and the ``supernet.*`` entries of its state dict;
-    * a weights-only file written by :func:`export_supernet_weights` (``apq export-supernet``),
-      e.g. the trained ``apq_cifar`` supernet shipped in ``weights/``: the same three values and
-      the supernet's state dict, possibly in float16 (cast back to float32 here).
+    * a weights-only file written by :func:`save_supernet_weights` (``apq export-supernet``,
+      ``apq import-supernet``), e.g. the trained ``apq_cifar`` supernet shipped in ``weights/``:
+      the same three values, the supernet's state dict, possibly in float16 (cast back to float32
+      here), and optionally ``batchnorm`` (``{"eps", "momentum"}`` of every BN layer; absent:
+      torch's defaults).
 
     Any file that is neither (truncated, empty, text, a bare tensor, pickled code, another
     module's checkpoint) is a one-line ``ValueError`` naming it (``FileNotFoundError`` when
@@ -336,9 +366,16 @@ def load_supernet(path: str, map_location: str | torch.device = "cpu") -> Supern
                          f"'state_dict' and 'space' and 'num_classes')")
     try:
         net = Supernet(h["space"], h["num_classes"], h.get("dropout", 0.0))
-        weights = {k[len(prefix) :]: v.float() if v.is_floating_point() else v
+        weights = {k[len(prefix) :]: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
                    for k, v in state.items() if k.startswith(prefix)}
+        if is_quantized_for_all(weights):  # the quant phase's quantizers are part of its weights
+            from apq_lightning.quant.supernet import quantize_supernet
+
+            quantize_supernet(net, ranges="batch")
         net.load_state_dict(weights)
+        bn = h.get("batchnorm") if prefix == "" else ckpt.get("apq_batchnorm")  # SupernetModule saves it there
+        if bn is not None:  # absent: torch's defaults (every file before the APQ import)
+            set_bn_param(net, **bn)
     except (ValueError, TypeError, RuntimeError, AttributeError) as err:
         detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
         kind = "supernet weights file" if prefix == "" else "SupernetModule checkpoint"
@@ -355,17 +392,33 @@ def export_supernet_weights(ckpt: str | Path, out: str | Path, dtype: torch.dtyp
     ``dtype``); :func:`load_supernet` reads it like a checkpoint. float16 halves the size; the
     rounding (relative 5e-4) is far below what BN recalibration and QAT change.
     """
-    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"dtype {dtype}: allowed float16, bfloat16, float32")
+    _check_weights_dtype(dtype)
+    return save_supernet_weights(load_supernet(str(ckpt)), out, dtype)  # load_supernet validates it
+
+
+def save_supernet_weights(
+    net: Supernet, out: str | Path, dtype: torch.dtype = torch.float16, extra: dict | None = None
+) -> Path:
+    """Write ``net`` as a weights-only supernet file (the format :func:`load_supernet` reads),
+    atomically: ``format``, ``space``, ``num_classes``, ``dropout``, ``batchnorm`` (eps and
+    momentum, which no state dict holds), the state dict with floating tensors in ``dtype``, and
+    the plain-data entries of ``extra`` (e.g. where an imported supernet came from)."""
+    _check_weights_dtype(dtype)
     from apq_lightning.checkpointing import AtomicCheckpointIO  # Lightning's IO: only on this path
 
-    net = load_supernet(str(ckpt))  # validates the checkpoint
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in net.state_dict().items()}
-    payload = {"format": WEIGHTS_FORMAT, "space": net.space.name, "num_classes": int(net.num_classes),
-               "dropout": float(net.dropout.p), "state_dict": state}
+    state = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+             for k, v in net.state_dict().items()}
+    payload = {**(extra or {}), "format": WEIGHTS_FORMAT, "space": net.space.name,
+               "num_classes": int(net.num_classes), "dropout": float(net.dropout.p),
+               "batchnorm": bn_param(net), "state_dict": state}
     out = Path(out)
     AtomicCheckpointIO().save_checkpoint(payload, out)
     return out
+
+
+def _check_weights_dtype(dtype: torch.dtype) -> None:
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"dtype {dtype}: allowed float16, bfloat16, float32")
 
 
 # --------------------------------------------------------------------------------------

@@ -6,15 +6,17 @@ them) -- for these variants, interleaved round-robin so they share the machine's
 
 * ``fast``: the search as shipped (pre-summed first-layer rows + dense hidden layers,
   block cost tables);
-* ``predict_genomes``: the predictor's own population path (``AccuracyPredictor.predict_genomes``:
-  ``feature_indices`` + ``embedding_bag``) in place of the search's scorer;
+* ``predict_genomes``: the predictor's own population path (``AccuracyPredictor.predict_genomes``)
+  in place of the search's scorer; it runs ``MLPScorer`` itself since issue 17, so this variant
+  now measures rebuilding the scorer's tables at every call (before: ``feature_indices`` +
+  ``embedding_bag`` over the raw weight rows, the row in docs/search.md);
 * ``dense predictor``: the naive path, dense one-hot encoding and the module's forward;
 * ``model costs``: the cost model's own ``evaluate`` in place of the block cost tables.
 
 "same best" says whether a variant's best predicted accuracy equals the fast variant's. The
-block tables admit exactly what ``evaluate`` admits, so "model costs" always agrees; scorers
-that sum the same weights in another order (dense, ``predict_genomes``) agree with the fast
-one to float32 rounding (~1e-7), which can flip a near-tie and send a search elsewhere.
+block tables admit exactly what ``evaluate`` admits, so "model costs" always agrees; a scorer
+that sums the same weights in another order (dense) agrees with the fast one to float32
+rounding (~1e-7), which can flip a near-tie and send a search elsewhere.
 
 Wall time and CPU time (``process_time``) are reported as medians of ``--repeats``; on a
 shared machine the CPU time is the better estimate of the wall time on an idle one. The split

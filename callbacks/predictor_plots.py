@@ -14,9 +14,8 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from torchmetrics.functional.regression import kendall_rank_corrcoef
 
-from apq_lightning.metrics import pairwise_accuracy
+from apq_lightning.metrics import predictor_metrics
 
 
 @torch.no_grad()
@@ -40,13 +39,8 @@ def predict_split(
 
 
 def scatter_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    n = len(preds)
-    return {
-        "n": n,
-        "pairwise_acc": float(pairwise_accuracy(preds, targets)) if n > 1 else float("nan"),
-        "kendall_tau": float(kendall_rank_corrcoef(preds, targets)) if n > 1 else float("nan"),
-        "rmse": float(torch.sqrt(torch.mean((preds - targets) ** 2))) if n else float("nan"),
-    }
+    """The plot's numbers: the sample count and :func:`~apq_lightning.metrics.predictor_metrics`."""
+    return {"n": len(preds), **predictor_metrics(preds, targets)}
 
 
 class PredictorScatter(L.Callback):

@@ -1,11 +1,14 @@
-"""Sample store, index -> subnet sampling, FP / MP collection through the CLI, resume, DDP."""
+"""Sample store, index -> subnet sampling, FP / MP collection through the CLI, resume, DDP,
+one run per output directory, and nothing deleted that is not a torn write."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_inputs import assert_one_line, run_cli
 
 from apq_lightning.cli import main as cli_main
 from apq_lightning.collection import (
     MPSampling,
-    SampleIndexDataModule,
     SampleRecord,
     SampleStore,
     TornLineWarning,
@@ -29,7 +32,10 @@ from apq_lightning.collection import (
     mp_kind,
     mp_subnet,
     read_samples,
+    store_path,
 )
+from apq_lightning.data import SampleIndexDataModule
+from apq_lightning.locks import RunLock, RunLockedError, run_lock
 from apq_lightning.space import get_space
 from apq_lightning.supernet import Supernet
 
@@ -165,27 +171,72 @@ def test_record_validation(change: dict, match: str):
         SampleRecord.from_dict(mp | {"kind": "fp"})
 
 
-def test_torn_last_line_is_skipped_then_repaired(tmp_path: Path):
+def test_torn_last_line_is_skipped_then_moved_aside(tmp_path: Path):
     path = _write(tmp_path / "s.jsonl", [_record(0), _record(1)])
     whole = path.read_bytes()
-    torn = _record(2).to_json()[:57]
-    path.write_bytes(whole + torn.encode())
+    torn = _record(2).to_json()[:57].encode()
+    path.write_bytes(whole + torn)
     with pytest.warns(TornLineWarning, match="torn last line"):
         assert [r.index for r in read_samples(path)] == [0, 1]
-    with pytest.warns(TornLineWarning, match="removed a torn last line"):
-        assert SampleStore(path).repair() == len(torn)
-    assert path.read_bytes() == whole
+    store = SampleStore(path)
+    with pytest.warns(TornLineWarning, match=r"moved a torn last line \(57 bytes .* to .*s\.jsonl\.torn"):
+        assert store.repair() == len(torn)
+    assert path.read_bytes() == whole and store.torn_path.read_bytes() == torn + b"\n"  # kept, not deleted
     # an append after a kill -9 repairs by itself, and the new record is intact
-    path.write_bytes(whole + torn.encode())
+    path.write_bytes(whole + torn)
     with pytest.warns(TornLineWarning):
         _write(path, [_record(2)])
     assert [r.index for r in read_samples(path)] == [0, 1, 2]
+    assert store.torn_path.read_bytes() == (torn + b"\n") * 2
     # a complete record that only lost its newline is kept
     path.write_bytes(whole + _record(5).to_json().encode())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert SampleStore(path).repair() == 0
     assert [r.index for r in read_samples(path)] == [0, 1, 5]
+    # killed during the very first append: the torn start of a record is all there is
+    path.write_bytes(torn)
+    with pytest.warns(TornLineWarning):
+        assert SampleStore(path).repair() == len(torn)
+    assert path.read_bytes() == b""
+
+
+BINARY = bytes(range(256)) * 16  # 4 KiB, newlines included
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        pytest.param(BINARY, "line 1 is not a sample record", id="binary"),
+        pytest.param(bytes(range(11, 256)) * 17, "the last line (no line break) is not a sample record",
+                     id="binary-no-newline"),
+        pytest.param("WHOLE+INVALID", "the last line (no line break) is not a sample record (sample record: acc",
+                     id="complete-invalid-last-record"),
+        pytest.param("WHOLE+BAD+TORN", "the line before a torn last line is not a sample record",
+                     id="torn-after-damage"),
+        pytest.param("TEXT+WHOLE", "line 1 is not a sample record", id="other-text-first"),
+        pytest.param("WHOLE+EMPTY", "the last line is not a sample record (an empty line)", id="empty-last-line"),
+    ],
+)
+def test_never_deletes_what_it_cannot_read(tmp_path: Path, content: bytes | str, fragment: str):
+    """Issue 18, item 2: repair cut a 4 KiB binary file to 0 bytes and deleted a complete but
+    invalid last record; now only a torn record after whole ones is moved aside."""
+    whole = _write(tmp_path / "w.jsonl", [_record(0), _record(1)]).read_bytes()
+    invalid = json.dumps(_record(2).to_dict() | {"acc": 2.0}).encode()
+    parts = {"WHOLE": whole, "INVALID": invalid, "BAD": invalid + b"\n", "TORN": _record(3).to_json()[:50].encode(),
+             "TEXT": b"index,acc\n", "EMPTY": b"\n"}
+    data = content if isinstance(content, bytes) else b"".join(parts[k] for k in content.split("+"))
+    path = tmp_path / "samples.rank0.jsonl"
+    path.write_bytes(data)
+    store = SampleStore(path)
+    for attempt in (store.check, store.repair, lambda: store.append(_record(9))):
+        with pytest.raises(ValueError, match=re.escape(fragment)) as e:
+            attempt()
+        assert str(e.value).startswith(f"{path} is not a sample store: ") and "\n" not in str(e.value)
+    store.close()
+    assert path.read_bytes() == data and not store.torn_path.exists()
+    with pytest.raises(ValueError, match=rf"{path.name}:\d+: (malformed sample record|empty line)"):
+        read_samples(path)  # readers refuse it too, instead of skipping it as a torn line
 
 
 def test_malformed_middle_line_names_file_and_line(tmp_path: Path):
@@ -248,6 +299,46 @@ def test_checkpoint_hash(tmp_path: Path):
         checkpoint_hash(tmp_path / "nope.ckpt")
 
 
+# ------------------------------------------------------------------------------- one run per directory
+def test_run_lock_names_its_holder_and_dies_with_it(tmp_path: Path):
+    holder = rf"{re.escape(str(tmp_path))} is in use: collection by pid {os.getpid()} on host {socket.gethostname()}"
+    with run_lock(tmp_path, "collection") as lock:
+        assert lock.held and json.loads(lock.path.read_text())["pid"] == os.getpid()
+        with pytest.raises(RunLockedError, match=holder) as e:
+            RunLock(tmp_path, "collection").acquire()
+        assert "\n" not in str(e.value)
+        with RunLock(tmp_path, "pipeline"):  # another job's lock on the same directory is independent
+            pass
+    assert not lock.held and lock.path.read_text() == ""  # released, and names nobody
+    with pytest.raises(ValueError, match="lock name 'Two words'"):
+        RunLock(tmp_path, "Two words")
+    # a holder killed with -9 leaves its file behind, never its lock
+    code = "import sys, time; from apq_lightning.locks import RunLock; lock = RunLock(sys.argv[1], 'collection')"
+    code += ".acquire(); print('held', flush=True); time.sleep(120)"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"held"
+        with pytest.raises(RunLockedError, match=f"by pid {proc.pid} on host"):
+            RunLock(tmp_path, "collection").acquire()
+    finally:
+        proc.kill()
+        proc.wait()
+    with run_lock(tmp_path, "collection"):
+        pass
+
+
+def test_index_datamodule_holds_its_output_dir_until_predicting_ends(tmp_path: Path):
+    out = tmp_path / "fp"
+    dm = SampleIndexDataModule(num_samples=2, output_dir=str(out))
+    with pytest.raises(RunLockedError, match=rf"fp is in use: collection by pid {os.getpid()}"):
+        SampleIndexDataModule(num_samples=2, output_dir=str(out))
+    dm.teardown("predict")
+    again = SampleIndexDataModule(num_samples=2, output_dir=str(out))
+    again.on_exception(RuntimeError("a failed predict releases it too"))
+    SampleIndexDataModule(num_samples=2, output_dir=str(out)).release()
+    assert dm.store_path(1) == store_path(out, 1) == out / "samples.rank1.jsonl"
+
+
 # ------------------------------------------------------------------------------- sampling
 def test_index_to_subnet_is_a_function_of_seed_and_index():
     assert fp_subnet("tiny", 3, 7) == fp_subnet("tiny", 3, 7)
@@ -284,6 +375,47 @@ def test_fp_measurement_in_the_supernet_equals_the_extracted_copy(tiny_ckpt: Pat
         assert abs(a.acc - b.acc) <= 1 / 40 and a.total_s >= a.bn_s + a.eval_s - 1e-6  # rounding may flip one argmax
     with pytest.raises(ValueError, match="takes a float subnet"):
         measure_fp(net, sub.with_bits(8), bn, ev)
+
+
+def test_top1_counts_argmax_hits_restores_the_mode_and_refuses_no_images():
+    from apq_lightning.collection import top1
+
+    model = torch.nn.Flatten()  # logits = the three channels of a 1x1 image
+    x = torch.tensor([[3.0, 1, 0], [0, 2, 1], [0, 1, 5], [4, 0, 0]]).reshape(4, 3, 1, 1)
+    y = torch.tensor([0, 1, 1, 0])  # the third is wrong
+    batches = [(x[:2], y[:2]), (x[2:], y[2:])]
+    model.train()
+    assert top1(model, batches) == 0.75 and model.training
+    assert top1(model, batches, max_batches=1) == 1.0
+    assert top1(model, iter(batches), device="cpu", channels_last=True) == 0.75
+    with pytest.raises(ValueError, match="no evaluation images"):
+        top1(model, [])
+
+
+def test_short_qat_trains_runs_its_steps_and_asks_the_teacher_only_for_kd():
+    from apq_lightning.modules.collection import ShortQAT, short_qat
+    from apq_lightning.quant import quantize_subnet
+    from apq_lightning.supernet import recalibrate_bn
+
+    class Refuse(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise AssertionError("the teacher ran with kd_ratio = 0")
+
+    torch.manual_seed(0)
+    sub = mp_subnet("tiny", 0, 0, MPSampling())[1]
+    model = Supernet("tiny", 10).extract(sub)
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
+    recalibrate_bn(model, [x])
+    quantize_subnet(model, sub, [x])
+    with torch.no_grad():
+        before = float(torch.nn.functional.cross_entropy(model.eval()(x), y))
+    assert short_qat(model, Refuse(), [(x, y)] * 30, ShortQAT(steps=20, lr=0.05, kd_ratio=0.0), False) == 20
+    assert not model.training
+    with torch.no_grad():
+        assert float(torch.nn.functional.cross_entropy(model(x), y)) < 0.8 * before
+    assert short_qat(model, None, [(x, y)] * 3, ShortQAT(steps=20), channels_last=False) == 3  # data ran out
+    with pytest.raises(ValueError, match="kd_temperature must be a number in \\(0, inf\\), got 0"):
+        ShortQAT(kd_temperature=0)
 
 
 # ------------------------------------------------------------------------------- collection
@@ -332,19 +464,52 @@ def test_mp_collection_writes_both_kinds(tiny_ckpt: Path, tmp_path: Path):
     assert (a.depths, a.kernels, a.widths) == (b.depths, b.kernels, b.widths) and a.bits != b.bits
 
 
-def test_bad_checkpoint_and_missing_root_give_one_line_errors(tmp_path: Path):
-    from apq_lightning.modules import FPCollectionModule
+def test_bad_checkpoint_and_missing_root_give_one_line_errors(tiny_ckpt: Path, tmp_path: Path):
+    """The collection loads its supernet through the checked loader every module uses: errors
+    start with the argument's name, which the CLI turns into the recipe key."""
+    from apq_lightning.modules import FPCollectionModule, MPCollectionModule
 
-    with pytest.raises(ValueError, match=r"supernet checkpoint '.*missing.ckpt' does not exist") as e:
-        FPCollectionModule(supernet_ckpt=str(tmp_path / "missing.ckpt"))
-    assert "\n" not in str(e.value)
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"supernet checkpoint '.*bad.ckpt' is unreadable") as e:
-        FPCollectionModule(supernet_ckpt=str(bad))
-    assert "\n" not in str(e.value)
+    for kwargs, wanted in [
+        ({"supernet_ckpt": str(tmp_path / "missing.ckpt")}, r"supernet_ckpt: checkpoint .*missing.ckpt not found"),
+        ({"supernet_ckpt": str(bad)}, r"supernet_ckpt: checkpoint .*bad.ckpt cannot be read"),
+        ({"supernet_ckpt": str(tiny_ckpt), "num_classes": 5}, r"supernet_ckpt .*tiny.ckpt has 10 classes, but"),
+        ({"supernet_ckpt": str(tiny_ckpt), "space": "apq_cifar"}, r"is for space 'tiny', but space='apq_cifar'"),
+    ]:
+        with pytest.raises(ValueError, match=wanted) as e:
+            FPCollectionModule(**kwargs)
+        assert "\n" not in str(e.value)
+    for kwargs, wanted in [
+        ({"momentum": 1.5}, r"momentum must be a number in \[0, 1\], got 1.5"),
+        ({"lr": 0}, r"lr must be a number in \(0, inf\), got 0"),
+        ({"label_smoothing": -0.1}, r"label_smoothing must be a number in \[0, 1\)"),
+        ({"qat_steps": -1}, r"qat_steps must be an integer >= 0, got -1"),
+        ({"calib_batch_size": 0}, r"calib_batch_size must be an integer >= 1, got 0"),
+    ]:
+        with pytest.raises(ValueError, match=wanted):
+            MPCollectionModule(supernet_ckpt=str(tiny_ckpt), **kwargs)
     with pytest.raises(ValueError, match=r"data.init_args.root is not set"):
         SampleIndexDataModule(dataset="cifar10")
+
+
+def test_a_second_collection_on_a_directory_is_refused_by_name(tiny_ckpt: Path, tmp_path: Path, capsys):
+    """Issue 18, item 3: two ``apq predict`` on one output_dir both measured every index."""
+    out = tmp_path / "fp"
+    with run_lock(out, "collection"):  # what a running collection holds
+        code, err = run_cli(_cli_args("collect_fp_tiny.yaml", tiny_ckpt, out, 2), capsys)
+    assert_one_line(code, err, f"{out} is in use: collection by pid {os.getpid()} on host {socket.gethostname()}")
+    assert err.splitlines()[-1].startswith("predict: ") and not list(out.glob("samples*"))
+
+
+def test_collection_refuses_a_rank_file_that_is_not_a_store(tiny_ckpt: Path, tmp_path: Path, capsys):
+    out = tmp_path / "fp"
+    out.mkdir()
+    bad = out / "samples.rank1.jsonl"
+    bad.write_bytes(BINARY)
+    code, err = run_cli(_cli_args("collect_fp_tiny.yaml", tiny_ckpt, out, 2), capsys)
+    assert_one_line(code, err, f"{bad} is not a sample store: line 1 is not a sample record")
+    assert bad.read_bytes() == BINARY and not (out / "samples.rank0.jsonl").exists()
 
 
 # ------------------------------------------------------------------------------- processes
@@ -399,3 +564,23 @@ def test_ddp_two_processes_shard_without_overlap(tiny_ckpt: Path, tmp_path: Path
     assert i0 and i1 and not i0 & i1 and i0 | i1 == set(range(n))
     assert len(r0) + len(r1) == n
     assert all(r.to_subnet() == fp_subnet("tiny", 0, r.index) for r in r0 + r1)
+
+
+@pytest.mark.slow
+def test_two_launches_on_one_directory_measure_every_index_once(tiny_ckpt: Path, tmp_path: Path):
+    out, n = tmp_path / "fp", 150  # long enough (~0.1 s a sample) to still run when the second one starts
+    cmd = [sys.executable, "-m", "apq_lightning.cli", *_cli_args("collect_fp_tiny.yaml", tiny_ckpt, out, n)]
+    first = subprocess.Popen(cmd, cwd=ROOT, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        lock = out / ".collection.lock"
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None and not (lock.is_file() and lock.read_text()):
+            time.sleep(0.05)
+        second = subprocess.run(cmd, cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert first.poll() is None, "the first collection ended before the second started: nothing was tested"
+    finally:
+        _, first_err = first.communicate(timeout=600)
+    assert first.returncode == 0, first_err[-2000:]
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use: collection by pid {first.pid}" in second.stderr.splitlines()[-1]
+    assert sorted(r.index for r in read_samples(out)) == list(range(n))  # each index once

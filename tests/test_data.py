@@ -14,6 +14,7 @@ from PIL import Image
 
 from apq_lightning.data import ImageDataModule, default_cache_dir
 from apq_lightning.data import datamodule as dmod
+from apq_lightning.data.datasets import CIFAR10_CLASSES
 
 CLASSES = ["dog", "ant", "cat"]  # written unsorted: labels must follow alphabetical order
 N_TRAIN, N_TEST = 12, 4  # per class
@@ -289,7 +290,7 @@ def test_lightning_fit_and_test_with_fast_dev_run() -> None:
 def test_shared_cifar10_archive(cifar_archive: Path) -> None:
     """The full archive, through the user-level cache (first run decodes for ~15-60 s)."""
     dm = ImageDataModule("cifar10", root=str(cifar_archive), batch_size=256)
-    assert dm.num_classes == 10 and dm.classes == list(dmod.CIFAR10_CLASSES)
+    assert dm.num_classes == 10 and dm.classes == list(CIFAR10_CLASSES)
     assert default_cache_dir() in dm.cache_path.parents
     dm.prepare_data()
     dm.setup()

@@ -530,3 +530,56 @@ def test_finetune_refuses(tmp_path, capsys, monkeypatch, option, value, fragment
                          f"--model.init_args.{option}", value], capsys)
     assert_one_line(code, err, fragment.format(**{k: str(v) for k, v in files.items()}))
     assert not (tmp_path / "EXPLOITED").exists()
+
+
+# --------------------------------------------------------------------------------------
+# `fit` of a predictor on sample stores it cannot learn from (issue 18, item 4)
+# --------------------------------------------------------------------------------------
+PREDICTOR_STORE_CASES = [
+    pytest.param("empty", "no samples in the stores", id="empty-store"),
+    pytest.param(1, "only 1 sample in", id="one-sample"),
+    pytest.param(2, "the val split of", id="two-samples"),
+    pytest.param(3, "the val split of", id="three-samples"),
+    pytest.param("equal", "all 40 sample(s) in", id="all-equal-accuracies"),
+    pytest.param("binary", "samples.rank0.jsonl:1: malformed sample record", id="binary-store"),
+]
+
+
+def _predictor_store(tmp: Path, content: str | int) -> Path:
+    from _stores import write_store
+
+    store = tmp / "fp" / "samples.rank0.jsonl"
+    store.parent.mkdir()
+    if content == "empty":
+        store.write_bytes(b"")
+    elif content == "binary":
+        store.write_bytes(bytes(range(256)) * 16)
+    else:
+        write_store(store, "tiny", "fp", 40 if content == "equal" else int(content))
+    if content == "equal":
+        lines = [json.loads(line) | {"acc": 0.5} for line in store.read_text().splitlines()]
+        store.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    return store
+
+
+@pytest.mark.parametrize("content, fragment", PREDICTOR_STORE_CASES)
+def test_predictor_fit_refuses_stores(tmp_path, capsys, monkeypatch, content, fragment):
+    monkeypatch.chdir(tmp_path)
+    store = _predictor_store(tmp_path, content)
+    recipe = str(ROOT / "recipes" / "predictor_fp_tiny.yaml")
+    code, err = run_cli(["fit", "--config", recipe, "--trainer.logger", "false",
+                         "--data.init_args.stores", json.dumps([str(store)])], capsys)
+    assert_one_line(code, err, fragment)
+    assert err.splitlines()[-1].startswith("fit: data.init_args: ")
+
+
+def test_predictor_fits_three_samples_without_validation(tmp_path, monkeypatch):
+    """The sensible fit on a tiny store: no held-out splits asked for, none refused."""
+    monkeypatch.chdir(tmp_path)
+    store = _predictor_store(tmp_path, 3)
+    code = cli_main(["fit", "--config", str(ROOT / "recipes" / "predictor_fp_tiny.yaml"), "--trainer.max_epochs", "2",
+                     "--trainer.enable_progress_bar", "false",
+                     "--data.init_args.stores", json.dumps([str(store)]), "--data.init_args.val_fraction", "0",
+                     "--data.init_args.test_fraction", "0"])
+    assert code == 0
+    assert (tmp_path / "runs" / "predictor_fp_tiny" / "checkpoints" / "last.ckpt").is_file()

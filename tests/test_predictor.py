@@ -23,9 +23,17 @@ from apq_lightning.callbacks import PredictorScatter
 from apq_lightning.cli import main as cli_main
 from apq_lightning.collection.store import TornLineWarning
 from apq_lightning.data import SubnetSampleDataModule
-from apq_lightning.data.samples import arch_key, genomes_from_dicts
+from apq_lightning.data.samples import arch_key
 from apq_lightning.encoding import get_encoder
-from apq_lightning.metrics import PairwiseAccuracy, count_inversions, pairwise_accuracy
+from apq_lightning.metrics import (
+    PREDICTOR_METRICS,
+    PairwiseAccuracy,
+    PredictorMetrics,
+    count_inversions,
+    pairwise_accuracy,
+    predictor_metrics,
+)
+from apq_lightning.mlp_scorer import MLPScorer
 from apq_lightning.modules import PredictorModule
 from apq_lightning.modules.predictor_module import pairwise_ranking_loss
 from apq_lightning.predictor import FORMAT, AccuracyPredictor
@@ -80,9 +88,13 @@ def test_predict_accepts_every_population_form(quantized):
     subnets = [sp.from_genome(g) for g in genomes]
     want = pred.predict(genomes)
     assert want.shape == (40,) and want.dtype == torch.float32 and not want.requires_grad
-    for form in (subnets, [s.to_dict() for s in subnets], [s.to_apq() for s in subnets], torch.from_numpy(genomes),
-                 genomes.astype(np.int16)):
+    mixed = [[s, s.to_dict(), s.to_apq()][i % 3] for i, s in enumerate(subnets)]
+    for form in (subnets, [s.to_dict() for s in subnets], [s.to_apq() for s in subnets], mixed,
+                 torch.from_numpy(genomes), genomes.astype(np.int16)):
         torch.testing.assert_close(pred.predict(form), want, rtol=0, atol=0)
+    # the search's scorer, exactly: a search's predicted accuracy is what predict() says
+    np.testing.assert_array_equal(want.numpy(), MLPScorer(pred)(genomes).astype(np.float32))
+    torch.testing.assert_close(pred.predict_genomes(genomes), want, rtol=0, atol=0)
     one = pred.predict(subnets[5])  # a batch of one: another matmul kernel, so rounding may differ
     torch.testing.assert_close(one, want[5:6], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(pred.predict(subnets[5].to_dict()), one, rtol=0, atol=0)
@@ -306,6 +318,30 @@ def test_pairwise_metric_accumulates_batches():
     assert metric.compute().item() == pytest.approx(pairwise_accuracy(p, t).item())
 
 
+def test_predictor_metrics_are_pairwise_kendall_b_and_rmse_over_every_batch():
+    """The one definition that the module logs, the scatter plot shows and the transfer study reports."""
+    from scipy.stats import kendalltau
+
+    g = torch.Generator().manual_seed(4)
+    p = torch.rand(200, generator=g)
+    t = p + 0.3 * torch.rand(200, generator=g)
+    p[:20] = p[20:40]  # predicted ties: tau-b differs from tau-a (by ~3e-4 here)
+    m = predictor_metrics(p, t)
+    assert tuple(m) == PREDICTOR_METRICS
+    assert m["pairwise_acc"] == pytest.approx(pairwise_accuracy(p, t).item())
+    assert m["kendall_tau"] == pytest.approx(kendalltau(p.numpy(), t.numpy(), variant="b").statistic, abs=1e-5)
+    assert m["rmse"] == pytest.approx(float(((p - t) ** 2).mean().sqrt()))
+    metric = PredictorMetrics()
+    for a, b in zip(p.split(64), t.split(64)):
+        metric.update(a, b)
+    assert metric.compute() == pytest.approx(m)
+    one = predictor_metrics(p[:1], t[:1])
+    assert np.isnan(one["pairwise_acc"]) and np.isnan(one["kendall_tau"])
+    assert one["rmse"] == pytest.approx(float(abs(p[0] - t[0])))
+    with pytest.raises(ValueError, match="same number of elements"):
+        predictor_metrics(p, t[:3])
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -373,19 +409,6 @@ def test_datamodule_serves_features_and_mean(tmp_path):
     assert dm.train_mean == pytest.approx(float(dm.dataset("train").accs.double().mean()))
     x0, y0 = dm.dataset("val")[0]
     assert x0.shape == (174,) and y0.shape == ()
-
-
-def test_fast_genome_parsing_equals_subnets_and_names_bad_values():
-    sp = get_space("apq_cifar")
-    subnets = [sp.sample(i, quantized=i % 2 == 0) for i in range(50)]
-    want = np.stack([sp.to_genome(s) for s in subnets])
-    for dicts in ([s.to_dict() for s in subnets], [s.to_apq() for s in subnets]):
-        np.testing.assert_array_equal(genomes_from_dicts(sp, dicts, ["x"] * 50), want)
-    bad = subnets[3].to_dict()
-    bad["widths"] = list(bad["widths"])
-    bad["widths"][0] = 33
-    with pytest.raises(ValueError, match=r"f:2: invalid subnet: .*block 0.*widths=33.*allowed"):
-        genomes_from_dicts(sp, [subnets[0].to_dict(), bad], ["f:1", "f:2"])
 
 
 def test_split_is_by_architecture_across_fp_and_mp_stores(tmp_path):

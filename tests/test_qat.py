@@ -185,6 +185,8 @@ def test_bad_input_is_a_value_error():
         QATModule(space="tiny", subnet=subnet.with_bits(None).to_dict())
     with pytest.raises(ValueError, match="calib_batches must be >= 1"):
         QATModule(space="tiny", policy="uniform8", calib_batches=0)
+    with pytest.raises(ValueError, match="eval_batches must be an integer >= 1 or null"):
+        QATModule(space="tiny", policy="uniform8", eval_batches=0)
 
 
 # ---------------------------------------------------------------- save / load (weights_only)

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+import apq_lightning.space as space_pkg
 from apq_lightning.space import (
     BIT_FIELDS,
     Subnet,
@@ -16,6 +17,7 @@ from apq_lightning.space import (
     load_subnet,
     load_subnets,
     save_subnets,
+    to_genomes,
 )
 
 SPACES = ["apq_imagenet", "apq_cifar", "tiny"]
@@ -188,3 +190,63 @@ def test_registry():
     assert set(SPACES) <= set(list_spaces())
     with pytest.raises(ValueError, match="registered spaces"):
         get_space("imagenet")
+
+
+def test_package_exports_every_public_name():
+    assert sorted(space_pkg.__all__) == sorted(set(space_pkg.__all__))
+    for name in space_pkg.__all__:
+        assert getattr(space_pkg, name) is not None, name
+    # the preset factories build the registered objects
+    assert space_pkg.apq_cifar() == get_space("apq_cifar") and space_pkg.tiny().name == "tiny"
+
+
+def test_to_genomes_equals_to_genome_for_every_form():
+    sp = get_space("apq_cifar")
+    subnets = [sp.sample(i, quantized=i % 2 == 0) for i in range(50)]
+    want = np.stack([sp.to_genome(s) for s in subnets])
+    dicts, specs = [s.to_dict() for s in subnets], [s.to_apq() for s in subnets]
+    mixed = [[s, d, a][i % 3] for i, (s, d, a) in enumerate(zip(subnets, dicts, specs))]
+    for form in (subnets, dicts, specs, mixed, [{k: v for k, v in d.items() if k != "space"} for d in dicts]):
+        got = to_genomes(sp, form)
+        assert got.dtype == np.int64
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(to_genomes("apq_cifar", want.astype(np.int16)), want)
+    assert to_genomes(sp, dicts, dtype=np.int16).dtype == np.int16
+    np.testing.assert_array_equal(to_genomes(sp, subnets[7]), want[7:8])
+    np.testing.assert_array_equal(to_genomes(sp, dicts[7]), want[7:8])
+    assert to_genomes(sp, []).shape == (0, sp.genome_length)
+    # a float subnet codes its bits as the largest choice, unless bits are needed
+    float_dict = subnets[1].to_dict()
+    assert to_genomes(sp, [float_dict])[0, sp.genome_slices()["pw_w"]].max() == len(sp.bit_choices) - 1
+    for form in ([float_dict], [subnets[1]]):
+        with pytest.raises(ValueError, match=r"^item 0: a float subnet"):
+            to_genomes(sp, form, need_bits=True)
+
+
+def test_to_genomes_names_the_bad_item():
+    sp = get_space("apq_cifar")
+    subnets = [sp.sample(i, quantized=True) for i in range(3)]
+    bad = subnets[1].to_dict()
+    bad["widths"] = list(bad["widths"])
+    bad["widths"][0] = 33
+    with pytest.raises(ValueError, match=r"^f:2: invalid subnet: .*block 0.*widths=33.*allowed"):
+        to_genomes(sp, [subnets[0].to_dict(), bad], ["f:1", "f:2"])
+    with pytest.raises(ValueError, match=r"^item 1: invalid subnet: .*widths=33"):
+        to_genomes(sp, [subnets[0], bad])  # the slow path (a Subnet in the list) names it alike
+    tiny = get_space("tiny").sample(0, quantized=True)
+    for other in (tiny, tiny.to_dict()):  # another space, even where the fast path could read it
+        with pytest.raises(ValueError, match=r"^item 1: .*space 'tiny'.*expected space 'apq_cifar'"):
+            to_genomes(sp, [subnets[0].to_dict(), other])
+    relabelled = {**subnets[2].to_dict(), "space": "tiny"}  # valid values of apq_cifar, labelled tiny
+    with pytest.raises(ValueError, match=r"^item 1: .*'tiny'"):
+        to_genomes(sp, [subnets[0].to_dict(), relabelled])
+    with pytest.raises(ValueError, match=r"^item 0: a str is not a subnet; expected a Subnet"):
+        to_genomes(sp, ["depths"])
+    with pytest.raises(ValueError, match=r"1 labels in 'where' for 3 subnets"):
+        to_genomes(sp, subnets, ["f:1"])
+    genomes = sp.sample_genomes(0, 4)
+    genomes[2, 5] = 99
+    with pytest.raises(ValueError, match=r"genome 2, gene 5 = 99 outside"):
+        to_genomes(sp, genomes)
+    with pytest.raises(ValueError, match=r"genomes must have shape \(N, 132\)"):
+        to_genomes(sp, genomes[:, :-1])

@@ -1,11 +1,10 @@
-"""``apq transfer-study`` (apq_lightning/transfer_study.py): the predictor-transfer study of APQ's
+"""``apq transfer-study`` (apq_lightning/study/): the predictor-transfer study of APQ's
 Figure 7, run through its command on synthetic stores (``tests/_stores.py``: accuracy is a known,
 learnable function of the encoding)."""
 
 from __future__ import annotations
 
 import ast
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,8 +14,7 @@ import numpy as np
 import pytest
 from _stores import write_store
 
-from apq_lightning import cli
-from apq_lightning import transfer_study as study
+from apq_lightning import cli, study
 from apq_lightning.space import get_space
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -195,25 +193,28 @@ def test_module_command_help_runs_in_a_fresh_interpreter():
     assert res.returncode == 0 and "usage: apq transfer-study" in res.stdout, res.stderr
 
 
-def test_benchmark_script_is_a_thin_wrapper():
-    spec = importlib.util.spec_from_file_location("transfer_study_script", ROOT / "benchmarks" / "transfer_study.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    assert mod.main is study.main and "apq_lightning.cli transfer-study" in mod.__doc__
-
-
 def test_nothing_in_the_package_imports_the_study_but_the_cli():
     """DESIGN.md §7: the study sits above data/modules/predictor; only the command line reaches it."""
     importers = []
-    for path in (ROOT / "apq_lightning").rglob("*.py"):
-        if path.name in ("cli.py", "transfer_study.py"):
+    package = ROOT / "apq_lightning"
+    for path in package.rglob("*.py"):
+        if path == package / "cli.py" or (package / "study") in path.parents:
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
             module = (node.module or "") if isinstance(node, ast.ImportFrom) else ""
-            if "transfer_study" in module or any("transfer_study" in n for n in names):
+            if module.startswith("apq_lightning.study") or (module == "apq_lightning" and "study" in names) or any(
+                n.startswith("apq_lightning.study") for n in names
+            ):
                 importers.append(str(path.relative_to(ROOT)))
     assert importers == []
+
+
+def test_help_imports_neither_torch_nor_lightning():
+    """``apq transfer-study --help`` stays quick: the study imports torch only when it runs."""
+    code = "import sys; from apq_lightning import study; print([m for m in ('torch', 'lightning') if m in sys.modules])"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr
 
 
 def test_split_id_changes_with_the_test_split():

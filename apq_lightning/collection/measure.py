@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from apq_lightning.metrics import top1  # re-exported: ``apq_lightning.collection.top1``
 from apq_lightning.space import Subnet
 from apq_lightning.supernet import Supernet, recalibrate_bn
 
@@ -59,23 +60,6 @@ def cache_batches(
     if not out:
         raise ValueError("no images: the data loader is empty")
     return out
-
-
-@torch.no_grad()
-def top1(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Top-1 accuracy in eval mode (the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    correct = total = 0
-    try:
-        for x, y in batches:
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    finally:
-        model.train(was_training)
-    if total == 0:
-        raise ValueError("top1: no evaluation images")
-    return correct / total
 
 
 @dataclass

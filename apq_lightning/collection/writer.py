@@ -4,6 +4,11 @@
 store ``samples.rank{r}.jsonl`` and fsync'ed before the next sample starts, so killing the run
 at any moment loses at most the sample being measured. At the end a summary is printed (count,
 mean accuracy, seconds per sample) for this run and for the whole store.
+
+The writer trusts its datamodule to hold the output directory (the
+:class:`~apq_lightning.data.SampleIndexDataModule` locks it, so no second run appends the same
+indices); it only reads the datamodule's ``output_dir`` attribute and imports nothing from
+:mod:`apq_lightning.data`.
 """
 
 from __future__ import annotations
@@ -16,8 +21,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from apq_lightning.collection.datamodule import store_path
-from apq_lightning.collection.store import SampleRecord, SampleStore, read_samples
+from apq_lightning.collection.store import SampleRecord, SampleStore, read_store_dir, store_path
 
 __all__ = ["SampleWriter", "summarize"]
 
@@ -44,7 +48,8 @@ class SampleWriter(BasePredictionWriter):
         if self.output_dir is None:
             if dm_dir is None:
                 raise ValueError(
-                    "SampleWriter: set output_dir, or use a datamodule with an output_dir (SampleIndexDataModule)"
+                    "SampleWriter: set output_dir, or use a datamodule with an output_dir "
+                    "(apq_lightning.data.SampleIndexDataModule)"
                 )
             return Path(dm_dir)
         if dm_dir is not None and Path(dm_dir).resolve() != self.output_dir.resolve():
@@ -59,7 +64,7 @@ class SampleWriter(BasePredictionWriter):
             return
         path = store_path(self._resolve_dir(trainer), trainer.global_rank)
         self.store = SampleStore(path)
-        self.store.repair()  # a torn line from a killed run: truncate before appending
+        self.store.repair()  # a torn line from a killed run: moved aside before appending
         self.written = []
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -99,9 +104,7 @@ class SampleWriter(BasePredictionWriter):
         # DDP rank 0 summarises the store as it stands (other ranks may still be finishing).
         if trainer.is_global_zero:
             out = self._resolve_dir(trainer)
-            files = [f for f in sorted(out.glob("samples.rank*.jsonl")) if f.stat().st_size > 0]
-            total = read_samples(files) if files else []
-            print(f"sample store {out}: {summarize(total)}", flush=True)
+            print(f"sample store {out}: {summarize(read_store_dir(out))}", flush=True)
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.store is not None:

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from apq_lightning.data.datasets import (  # noqa: F401 (re-exported: the module's public names before the split)
+from apq_lightning.data.datasets import (
     CIFAR10_CLASSES,
     DATASET_STATS,
     DATASETS,
@@ -43,7 +43,7 @@ from apq_lightning.data.datasets import (  # noqa: F401 (re-exported: the module
     resolve_count,
     seeded_split,
 )
-from apq_lightning.data.imagetree import (  # noqa: F401
+from apq_lightning.data.imagetree import (
     ARCHIVE_SUFFIXES,
     CACHE_VERSION,
     ROOT_HINT,

@@ -11,11 +11,16 @@ Design choices, and why:
   *architecture* key (the subnet without bits), so one architecture is never in two splits —
   not across its bit policies (``mp_arch_policies`` measures one architecture under several),
   not across FP and MP stores, and not as stores grow: a record's split never changes.
-* **Incremental reading.** Each file is read from where the last read stopped, so
-  ``follow=True`` (re-read at every epoch, for a predictor that trains while collection runs)
-  costs only the new lines. Lines are parsed and validated by the collection's own
-  :class:`~apq_lightning.collection.store.SampleRecord`; a torn last line (a write in progress,
-  or a crash) is left for the next read, any other malformed line fails with ``file:line``.
+* **Incremental reading, by the store's reader.** Each file is read from where the last read
+  stopped (:func:`~apq_lightning.collection.store.read_from` and its cursor: the store's own
+  parser and checks, nothing re-implemented here), so ``follow=True`` (re-read at every epoch,
+  for a predictor that trains while collection runs) costs only the new lines. A torn last line
+  (a write in progress, or a crash) is left for the next read, any other malformed line fails
+  with ``file:line``.
+* **Refused early.** Without ``follow`` the stores are read when the datamodule is built (the
+  CLI turns a refusal into one line): no samples, a single one, all of one accuracy, no
+  training sample, or a validation split whose pairwise accuracy would be undefined are errors
+  that say what to change, not a crash or a run of NaN metrics.
 * **Genomes in memory, features per batch.** Records are kept as integer genomes; each batch
   is one-hot encoded with one vectorised call (the dataset implements ``__getitems__``), so
   80k MP samples cost 80k × 132 integers instead of 80k × 772 floats.
@@ -27,10 +32,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-import warnings
 from collections import Counter
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +44,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from apq_lightning.collection.store import KINDS, SampleRecord, TornLineWarning, store_files
+from apq_lightning.collection.store import KINDS, SameOrigin, SampleRecord, StoreCursor, read_from, store_files
 from apq_lightning.encoding import get_encoder
-from apq_lightning.space import BIT_FIELDS, SearchSpace, Subnet, get_space
+from apq_lightning.space import SearchSpace, Subnet, get_space, to_genomes
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
@@ -61,72 +65,6 @@ def arch_key(subnet: Subnet) -> str:
     return arch_keys(subnet.search_space, subnet.search_space.to_genome(subnet))[0]
 
 
-def genomes_from_dicts(space: SearchSpace, subnets: Sequence[Mapping[str, Any]], where: Sequence[str]) -> np.ndarray:
-    """Integer genomes ``(N, genome_length)`` of subnet JSON dicts, validated.
-
-    Equal to ``space.to_genome(Subnet.from_dict(d))`` for every dict, but vectorised over the
-    batch: parsing 80k records one ``Subnet`` at a time costs ~0.3 ms each. A dict the fast
-    path cannot take (another format, ragged lists, non-integers) or that fails its checks is
-    parsed by ``Subnet.from_dict``, whose error (prefixed with ``where[i]``, i.e. file:line)
-    names block, field, value and the allowed set.
-    """
-    fast = _fast_genomes(space, subnets)
-    if fast is None:
-        genomes, bad = np.zeros((len(subnets), space.genome_length), dtype=np.int16), np.ones(len(subnets), bool)
-    else:
-        genomes, bad = fast
-    for i in np.flatnonzero(bad):
-        try:
-            genomes[i] = space.to_genome(Subnet.from_dict(subnets[i], space))
-        except ValueError as err:
-            raise ValueError(f"{where[i]}: invalid subnet: {err}") from None
-    return genomes
-
-
-def _fast_genomes(space: SearchSpace, subnets: Sequence[Mapping[str, Any]]) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(genomes, bad)``: the vectorised half of :func:`genomes_from_dicts`; ``None`` when the
-    batch is not uniformly shaped integer lists in the project format."""
-    sp, n = space, len(subnets)
-    try:
-        if any(set(d) - {"space", "depths", "kernels", "widths", "bits"} for d in subnets):
-            return None
-        depths = np.array([d["depths"] for d in subnets])
-        kernels = np.array([d["kernels"] for d in subnets])
-        widths = np.array([d["widths"] for d in subnets])
-        with_bits = np.array([d.get("bits") is not None for d in subnets])
-        if any(w and set(d["bits"]) != set(BIT_FIELDS) for d, w in zip(subnets, with_bits)):
-            return None
-        filler = [list(sp.bit_choices[-1:]) * sp.num_blocks] * len(BIT_FIELDS)
-        bits = np.array([[d["bits"][f] for f in BIT_FIELDS] if w else filler for d, w in zip(subnets, with_bits)])
-    except (KeyError, TypeError, ValueError):
-        return None
-    arrays = (depths, kernels, widths, bits)
-    shapes = ((n, sp.num_stages), (n, sp.num_blocks), (n, sp.num_blocks), (n, len(BIT_FIELDS), sp.num_blocks))
-    if any(a.shape != s or a.dtype.kind not in "iu" for a, s in zip(arrays, shapes)):
-        return None
-    g = np.zeros((n, sp.genome_length), dtype=np.int16)
-    bad = np.zeros(n, dtype=bool)
-    sl = sp.genome_slices()
-
-    def lookup(values: np.ndarray, choices: Sequence[int], mask: np.ndarray | None = None) -> np.ndarray:
-        c = np.asarray(choices)
-        idx = np.clip(np.searchsorted(c, values), 0, len(c) - 1)
-        wrong = c[idx] != values
-        wrong = wrong if mask is None else wrong & mask
-        bad[:] |= wrong.reshape(n, -1).any(axis=1)
-        return idx if mask is None else np.where(mask, idx, 0)
-
-    for s, choices in enumerate(sp.stage_depth_choices):
-        g[:, sl["depths"].start + s] = lookup(depths[:, s], choices)
-    active = sp.position_of_block[None, :] < depths[:, sp.stage_of_block]
-    g[:, sl["kernels"]] = lookup(kernels, sp.kernel_choices, active)
-    for b, blk in enumerate(sp.blocks):
-        g[:, sl["widths"].start + b] = lookup(widths[:, b], blk.width_choices, active[:, b])
-    for f, name in enumerate(BIT_FIELDS):
-        g[:, sl[name]] = lookup(bits[:, f], sp.bit_choices, active)
-    return g, bad
-
-
 def _unit_hash(*parts: Any) -> float:
     """A deterministic number in [0, 1) from its arguments (stable across runs and machines)."""
     digest = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
@@ -140,17 +78,6 @@ class _Sample:
     arch: str
     kind: str
     identity: tuple  # SampleRecord.identity: kind, index, key, seed, protocol
-
-
-@dataclass
-class _Cursor:
-    """How far one store file has been read."""
-
-    offset: int = 0
-    line: int = 0
-    newline_owed: bool = False  # a last record was read before its newline was written
-    inode: int = 0  # a store replaced by another file (merge_stores renames over it) is read anew
-    samples: list[_Sample] = field(default_factory=list)
 
 
 class SampleDataset(Dataset):
@@ -240,8 +167,9 @@ class SubnetSampleDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.stores = [str(s) for s in stores]
         self.quantized = bool(quantized)
-        self.space: str | None = get_space(space).name if space is not None else None
-        self.supernet_hash = supernet_hash
+        # space / supernet_hash: given, or taken from the first record; other records are refused
+        self._origin = SameOrigin(get_space(space).name if space is not None else None, supernet_hash,
+                                  "data.space", "data.supernet_hash")
         self.kinds = None if kinds is None else set(kinds)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
@@ -250,26 +178,49 @@ class SubnetSampleDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.follow = follow
-        self._cursors: dict[Path, _Cursor] = {}
+        self._cursors: dict[Path, StoreCursor] = {}  # how far each store file has been read
+        self._samples: dict[Path, list[_Sample]] = {}  # what was kept of it
         self._seen: set[tuple] = set()
-        self._origins = {"space": "data.space", "supernet_hash": "data.supernet_hash"}  # for messages
         self._splits: dict[str, SampleDataset] = {}
         self._version = -1  # number of samples the current splits were built from
+        if not follow:  # read now: stores a predictor cannot learn from are refused when the recipe is loaded
+            self.refresh()
+            self._build()
+            self._check_learnable()
+
+    @property
+    def space(self) -> str | None:
+        """The samples' search space (given, or the first record's)."""
+        return self._origin.space
+
+    @property
+    def supernet_hash(self) -> str | None:
+        """The samples' supernet checkpoint hash (given, or the first record's)."""
+        return self._origin.supernet_hash
 
     # ---- reading -----------------------------------------------------------------------
     def refresh(self) -> int:
-        """Read what was appended to the stores since the last call; returns the new samples."""
-        before = sum(len(c.samples) for c in self._cursors.values())
+        """Read what was appended to the stores since the last call; returns the new samples.
+
+        Each file is read on from its :class:`~apq_lightning.collection.store.StoreCursor`
+        (:func:`~apq_lightning.collection.store.read_from`); a file replaced or truncated since
+        is read anew. A failed read (a refused record) leaves the cursor where it was.
+        """
+        before = self._count()
         for path in self._files():
-            stat = path.stat()
-            cursor = self._cursors.setdefault(path, _Cursor(inode=stat.st_ino))
-            if stat.st_size < cursor.offset or stat.st_ino != cursor.inode:  # replaced or truncated: read anew
-                for s in cursor.samples:
+            read = read_from(path, self._cursors.get(path), follow=self.follow)
+            if read.restarted:
+                for s in self._samples.pop(path, []):
                     self._seen.discard(s.identity)
-                cursor = self._cursors[path] = _Cursor(inode=stat.st_ino)
-            if stat.st_size > cursor.offset:
-                self._read_new(path, cursor)
-        return sum(len(c.samples) for c in self._cursors.values()) - before
+            batch = [(f"{path}:{n}", rec) for n, rec in read.records]
+            for where, rec in batch:
+                self._origin.check(rec, where)
+            self._add(batch, self._samples.setdefault(path, []))
+            self._cursors[path] = read.cursor
+        return self._count() - before
+
+    def _count(self) -> int:
+        return sum(len(v) for v in self._samples.values())
 
     def _files(self) -> list[Path]:
         files: list[Path] = []
@@ -283,50 +234,7 @@ class SubnetSampleDataModule(L.LightningDataModule):
             files += [f for f in found if f not in files]
         return files
 
-    def _read_new(self, path: Path, cursor: _Cursor) -> None:
-        with open(path, "rb") as fh:
-            fh.seek(cursor.offset)
-            data = fh.read()
-        consumed, line, owed = 0, cursor.line, False
-        if cursor.newline_owed and data.startswith(b"\n"):
-            data, consumed = data[1:], 1
-        lines = data.split(b"\n")
-        complete, tail = lines[:-1], lines[-1]
-        batch: list[tuple[str, SampleRecord]] = []
-        for raw in complete:
-            line += 1
-            consumed += len(raw) + 1
-            if not raw.strip():
-                raise ValueError(f"{path}:{line}: empty line inside a sample store")
-            batch.append(self._parse(f"{path}:{line}", raw))
-        if tail.strip():
-            # No newline yet: a record being written (follow), or a torn / hand-written last line.
-            try:
-                SampleRecord.from_json(tail.decode("utf-8"))
-            except (ValueError, UnicodeDecodeError):
-                if not self.follow:
-                    warnings.warn(
-                        f"{path}:{line + 1}: skipping a torn last line ({len(tail)} bytes, an interrupted write)",
-                        TornLineWarning, stacklevel=3,
-                    )
-            else:
-                if not self.follow:  # a complete record without its newline: the file ends there
-                    line += 1
-                    consumed += len(tail)
-                    owed = True
-                    batch.append(self._parse(f"{path}:{line}", tail))
-        self._add(batch, cursor)  # may raise: the cursor then stays where it was
-        cursor.offset, cursor.line, cursor.newline_owed = cursor.offset + consumed, line, owed
-
-    def _parse(self, where: str, raw: bytes) -> tuple[str, SampleRecord]:
-        try:
-            rec = SampleRecord.from_json(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as err:
-            raise ValueError(f"{where}: malformed sample record: {err}") from None
-        self._check_origin(rec, where)
-        return where, rec
-
-    def _add(self, batch: list[tuple[str, SampleRecord]], cursor: _Cursor) -> None:
+    def _add(self, batch: list[tuple[str, SampleRecord]], into: list[_Sample]) -> None:
         """Keep the wanted, unseen records of a batch of parsed lines, as genomes."""
         keep: list[tuple[str, SampleRecord, str]] = []
         for where, rec in batch:
@@ -345,27 +253,10 @@ class SubnetSampleDataModule(L.LightningDataModule):
         if not keep:
             return
         sp = get_space(self.space)
-        genomes = genomes_from_dicts(sp, [r.subnet for _, r, _ in keep], [w for w, _, _ in keep])
+        genomes = to_genomes(sp, [r.subnet for _, r, _ in keep], [w for w, _, _ in keep], dtype=np.int16)
         arch = arch_keys(sp, genomes)
         for (_, rec, identity), g, a in zip(keep, genomes, arch):
-            cursor.samples.append(_Sample(g, rec.acc, a, rec.kind, identity))
-
-    def _check_origin(self, rec: SampleRecord, where: str) -> None:
-        if self.space is None:
-            self.space, self._origins["space"] = rec.space, f"the first record ({where})"
-        if self.supernet_hash is None:
-            self.supernet_hash, self._origins["supernet_hash"] = rec.supernet_hash, f"the first record ({where})"
-        if rec.space != self.space:
-            raise ValueError(
-                f"{where}: record is for space {rec.space!r}, but {self._origins['space']} says space "
-                f"{self.space!r}; keep stores of different spaces apart"
-            )
-        if rec.supernet_hash != self.supernet_hash:
-            raise ValueError(
-                f"{where}: record was measured on supernet {rec.supernet_hash!r}, but "
-                f"{self._origins['supernet_hash']} says supernet_hash {self.supernet_hash!r}; samples of "
-                "different supernet checkpoints cannot be mixed"
-            )
+            into.append(_Sample(g, rec.acc, a, rec.kind, identity))
 
     # ---- splits ------------------------------------------------------------------------
     def split_of(self, arch: str) -> str:
@@ -376,11 +267,15 @@ class SubnetSampleDataModule(L.LightningDataModule):
         return "val" if u < self.test_fraction + self.val_fraction else "train"
 
     def _build(self) -> None:
-        samples = [s for c in self._cursors.values() for s in c.samples]
+        samples = [s for v in self._samples.values() for s in v]
         if len(samples) == self._version and self._splits:
             return
-        if self.space is None:
-            raise ValueError(f"no samples in the stores {self.stores} (files found: {[str(p) for p in self._files()]})")
+        if not samples:
+            of_kinds = f" of kinds {sorted(self.kinds)}" if self.kinds is not None else ""
+            raise ValueError(
+                f"no samples{of_kinds} in the stores {self.stores} (files read: {[str(p) for p in self._cursors]}); "
+                "collect samples first (apq predict --config recipes/collect_*.yaml)"
+            )
         parts: dict[str, list[_Sample]] = {k: [] for k in SPLITS}
         for s in samples:
             parts[self.split_of(s.arch)].append(s)
@@ -428,10 +323,41 @@ class SubnetSampleDataModule(L.LightningDataModule):
             trainer.reload_dataloaders_every_n_epochs = 1  # the loops read this before every epoch
         self.refresh()
         self._build()
-        if stage in (None, "fit") and len(self._splits["train"]) == 0:
+        if stage in (None, "fit"):
+            self._check_learnable()
+
+    def _check_learnable(self) -> None:
+        """Refuse samples a predictor cannot be fitted and validated on, saying what is missing.
+
+        A predictor learns which subnet is better: it needs training samples, accuracies that
+        differ, and (``val_fraction > 0``) a validation split with two different accuracies, or
+        its pairwise accuracy is undefined. Following a growing store, the validation split may
+        still be small at first and is not checked.
+        """
+        n = self._version
+        accs = {float(a) for split in self._splits.values() for a in split.accs.tolist()}
+        if n == 1:
             raise ValueError(
-                f"no training samples in {self.stores}: {self._version} sample(s) read, all in val/test "
-                "(add samples or lower val_fraction / test_fraction)"
+                f"only 1 sample in {self.stores}: a predictor learns to rank subnets and needs many, with "
+                "different accuracies; collect more samples"
+            )
+        if len(accs) == 1:
+            raise ValueError(
+                f"all {n} sample(s) in {self.stores} have accuracy {accs.pop():.6g}: there is nothing to rank; "
+                "collect more samples (or check the collection: does the supernet score every subnet alike?)"
+            )
+        train, val = len(self._splits["train"]), self._splits["val"].accs
+        if train == 0:
+            raise ValueError(
+                f"no training samples in {self.stores}: all {n} sample(s) fell in val/test (the split is by "
+                "architecture); add samples or lower val_fraction / test_fraction"
+            )
+        if self.val_fraction > 0 and not self.follow and len(set(val.tolist())) < 2:
+            one = " of one accuracy" if len(val) > 1 else ""
+            raise ValueError(
+                f"the val split of {self.stores} holds {len(val)} sample(s){one} ({n} in all): its pairwise accuracy "
+                "needs two that differ; add samples, raise val_fraction, or set val_fraction: 0 to train "
+                "without validation"
             )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

@@ -93,6 +93,10 @@ def _cost_parser() -> argparse.ArgumentParser:
                    "apq_imagenet)")
     p.add_argument("--num-classes", type=_int_at_least(1), default=None,
                    help="classifier width (default 1000 for apq_imagenet, 10 otherwise)")
+    p.add_argument("--apq-rounding", choices=("network", "cost"), default="network",
+                   help="how an APQ spec's expand ratio e becomes channels: network (default) = "
+                        "make_divisible(round(e*Cin), 8), the network APQ runs; cost = make_divisible(e*Cin, 8), "
+                        "as APQ's latency converter priced it (reproduces its published latencies)")
     return p
 
 
@@ -101,7 +105,7 @@ def cost_main(argv: Sequence[str]) -> int:
     args = _cost_parser().parse_args(list(argv))
     models: dict[str, CostModel] = {}
     try:
-        subnets = load_subnets(args.subnet, args.space)
+        subnets = load_subnets(args.subnet, args.space, args.apq_rounding)
         for subnet in subnets:
             print(json.dumps(json_ready(_costs(subnet, args, models))))
     except (ValueError, OSError) as err:  # OSError: FileNotFoundError, permissions

@@ -1,6 +1,6 @@
 """LightningModules of the APQ pipeline (one concern each)."""
 
-from apq_lightning.modules.collection_module import FPCollectionModule, MPCollectionModule  # noqa: F401
+from apq_lightning.modules.collection import FPCollectionModule, MPCollectionModule  # noqa: F401
 from apq_lightning.modules.predictor_module import PredictorModule
 from apq_lightning.modules.qat_module import QATModule
 from apq_lightning.modules.supernet_module import Phase, SupernetModule, default_phases, load_supernet

@@ -12,7 +12,8 @@ temperature ``τ`` (``ranking_temperature``, in accuracy units) sets which diffe
 confidently ordered.
 
 Metrics on the held-out splits: ``val/pairwise_acc`` (APQ's), ``val/kendall_tau``, ``val/rmse``
-and ``val/loss`` (``test/*`` likewise). Checkpoints hold plain hyper-parameters only and load
+(:func:`~apq_lightning.metrics.predictor_metrics` over the whole split, all ranks) and
+``val/loss`` (``test/*`` likewise). Checkpoints hold plain hyper-parameters only and load
 with ``torch.load(..., weights_only=True)``; :meth:`AccuracyPredictor.load` reads the predictor
 out of them.
 """
@@ -25,10 +26,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torchmetrics import MeanSquaredError, MetricCollection
-from torchmetrics.regression import KendallRankCorrCoef
 
-from apq_lightning.metrics import PairwiseAccuracy
+from apq_lightning.metrics import PredictorMetrics
 from apq_lightning.predictor import AccuracyPredictor
 
 LossName = Literal["mse", "ranking", "mse+ranking"]
@@ -43,17 +42,6 @@ def pairwise_ranking_loss(preds: torch.Tensor, target: torch.Tensor, temperature
     if not mask.any():
         return preds.sum() * 0.0
     return F.softplus(-sign[mask] * dp[mask]).mean()
-
-
-def _metrics(prefix: str) -> MetricCollection:
-    return MetricCollection(
-        {
-            "pairwise_acc": PairwiseAccuracy(),
-            "kendall_tau": KendallRankCorrCoef(),
-            "rmse": MeanSquaredError(squared=False),
-        },
-        prefix=prefix,
-    )
 
 
 class PredictorModule(L.LightningModule):
@@ -103,8 +91,8 @@ class PredictorModule(L.LightningModule):
         self.predictor = AccuracyPredictor(space, quantized, hidden, num_layers, base_acc or 0.0)
         self._transfer_pending = transfer_from is not None
         self._bias_fixed = base_acc is not None or transfer_from is not None
-        self.val_metrics = _metrics("val/")
-        self.test_metrics = _metrics("test/")
+        self.val_metrics = PredictorMetrics()
+        self.test_metrics = PredictorMetrics()
 
     # ---- setup -------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -156,19 +144,32 @@ class PredictorModule(L.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(y))
         return loss
 
-    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: MetricCollection) -> None:
+    def _eval_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str, metrics: PredictorMetrics) -> None:
         x, y = batch
         pred = self(x)
         self.log(f"{stage}/loss", self._loss(pred, y), on_epoch=True, prog_bar=stage == "val", batch_size=len(y),
                  sync_dist=True)
         metrics.update(pred, y)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+
+    def _log_metrics(self, stage: str, metrics: PredictorMetrics) -> None:
+        """The epoch's ranking metrics: pairs span the whole split, so they are computed once at its end."""
+        if not metrics.update_called:
+            return
+        values = metrics.compute()  # synchronised across ranks: every rank logs the same numbers
+        metrics.reset()
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val", self.val_metrics)
 
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "test", self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

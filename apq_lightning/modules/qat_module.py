@@ -42,12 +42,13 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from apq_lightning.layers import SubnetModel
-from apq_lightning.modules.common import DistilledTraining, calibration_batches
+from apq_lightning.metrics import top1
+from apq_lightning.modules.common import DistilledTraining, calibration_batches, load_checked_supernet
 from apq_lightning.quant import calibrate, check_method
 from apq_lightning.quant.export import save_quantized
 from apq_lightning.quant.subnet import apply_policy, clone_float, resolve_fixed_bits
 from apq_lightning.space import Subnet, apply_named_policy, get_space, is_float_policy_name, load_subnet
-from apq_lightning.supernet import Supernet, load_supernet, recalibrate_bn
+from apq_lightning.supernet import Supernet, recalibrate_bn
 
 RANDOM_INIT_WARNING = (
     "QATModule: no supernet_ckpt given -- finetuning a subnet of a RANDOMLY INITIALISED supernet; accuracies "
@@ -152,6 +153,9 @@ class QATModule(DistilledTraining):
             raise ValueError(f"calib_batches must be >= 1 (quantization needs calibration data), got {calib_batches}")
         if bn_calib_batches < 0:
             raise ValueError(f"bn_calib_batches must be >= 0, got {bn_calib_batches}")
+        if eval_batches is not None and (isinstance(eval_batches, bool) or not isinstance(eval_batches, int)
+                                         or eval_batches < 1):
+            raise ValueError(f"eval_batches must be an integer >= 1 or null (every batch), got {eval_batches!r}")
 
         supernet = self._load_supernet(supernet_ckpt, space, num_classes, dropout)
         self.subnet: Subnet = resolve_subnet(subnet, supernet.space.name, policy)
@@ -174,17 +178,7 @@ class QATModule(DistilledTraining):
         if ckpt is None:
             rank_zero_warn(RANDOM_INIT_WARNING)
             return Supernet(space or "apq_cifar", num_classes, dropout)
-        try:
-            net = load_supernet(ckpt)
-        except (ValueError, FileNotFoundError) as err:
-            raise ValueError(f"supernet_ckpt: {err}") from None
-        if space is not None and get_space(space).name != net.space.name:
-            raise ValueError(f"supernet_ckpt {ckpt} is for space {net.space.name!r}, but space={space!r}")
-        if net.num_classes != num_classes:
-            raise ValueError(
-                f"supernet_ckpt {ckpt} has {net.num_classes} classes, but the data has {num_classes}"
-            )
-        return net
+        return load_checked_supernet(ckpt, space, num_classes)
 
     def trained_network(self) -> nn.Module:
         return self.model
@@ -204,24 +198,9 @@ class QATModule(DistilledTraining):
         loader = dm.val_dataloader()
         return loader if loader else None  # type: ignore[truthy-function]
 
-    @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: Iterable, max_batches: int | None = None) -> float:
         """Top-1 accuracy of ``model`` (eval mode, channels_last as configured) over ``loader``."""
-        was_training = model.training
-        model.eval()
-        correct = total = 0
-        try:
-            for i, batch in enumerate(loader):
-                if max_batches is not None and i >= max_batches:
-                    break
-                x, y = batch[0].to(self.device), batch[1].to(self.device)
-                if self.hparams.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                correct += int((model(x).argmax(1) == y).sum())
-                total += len(y)
-        finally:
-            model.train(was_training)
-        return correct / max(total, 1)
+        return top1(model, loader, max_batches, self.device, self.hparams.channels_last)
 
     def prepare(self) -> dict[str, float]:
         """Steps 2-3 of the module docstring (idempotent; skipped after loading a QAT checkpoint)."""

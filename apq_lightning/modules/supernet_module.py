@@ -31,7 +31,7 @@ from apq_lightning.modules.common import (
 from apq_lightning.quant.supernet import quantize_supernet, reestimate_supernet
 from apq_lightning.space import SearchSpace, Subnet, get_space
 from apq_lightning.space.policy_sampling import check_sampler, sample_policy
-from apq_lightning.supernet import Supernet, load_supernet, recalibrate_bn
+from apq_lightning.supernet import Supernet, bn_param, load_supernet, recalibrate_bn, set_bn_param
 
 PHASE_NAMES = ("full", "kernel", "depth", "width", "quant")
 
@@ -237,6 +237,7 @@ class SupernetModule(DistilledTraining):
             raise ValueError(f"init_weights: {path} holds a {net.space.name} supernet with {net.num_classes} "
                              f"classes; this run trains {self.space.name} with {self.hparams.num_classes}")
         self.supernet.load_state_dict(net.state_dict())
+        set_bn_param(self.supernet, **bn_param(net))  # e.g. the APQ reference's eps 1e-3, kept by every checkpoint
 
     def configure_optimizers(self) -> dict[str, Any]:
         if self.hparams.lr_schedule == "run":
@@ -384,6 +385,7 @@ class SupernetModule(DistilledTraining):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["apq_phase_seen"] = self._phase_seen
         checkpoint["apq_quantized"] = self.quantized
+        checkpoint["apq_batchnorm"] = bn_param(self.supernet)  # not in the state dict; load_supernet reads it
         if self.teacher is not None:
             checkpoint["apq_teacher"] = {
                 "subnet": self.teacher.subnet.to_dict(),
@@ -394,6 +396,8 @@ class SupernetModule(DistilledTraining):
         self._phase_seen = int(checkpoint.get("apq_phase_seen", -1))
         if checkpoint.get("apq_quantized"):  # before Lightning loads the state dict: it holds the ranges
             self.quantize_for_all()
+        if checkpoint.get("apq_batchnorm") is not None:
+            set_bn_param(self.supernet, **checkpoint["apq_batchnorm"])
         teacher = checkpoint.get("apq_teacher")
         if teacher is not None:
             model = SubnetModel(Subnet.from_dict(teacher["subnet"]), self.hparams.num_classes)

@@ -11,6 +11,7 @@ from torch import Tensor
 
 from apq_lightning.layers import SubnetModel
 from apq_lightning.space import Subnet
+from apq_lightning.supernet import bn_param, set_bn_param
 from apq_lightning.torch_io import read_torch_file
 
 from .layers import QuantLayerMixin, quantize_modules
@@ -35,6 +36,7 @@ def save_quantized(model: SubnetModel, path: str | Path, metadata: Mapping[str, 
         "subnet": model.subnet.to_dict(),
         "num_classes": int(model.classifier.out_features),
         "dropout": float(model.dropout.p),
+        "batchnorm": bn_param(model),  # eps is no state entry (an imported APQ supernet runs at 1e-3)
         "quant": {
             "fixed_bits": cfg.get("fixed_bits"),
             "method": cfg.get("method", first.weight_quantizer.method),
@@ -77,6 +79,8 @@ def _quantized_from_payload(payload: Mapping[str, Any]) -> SubnetModel:
     plan = {n: (w, a, s) for n, (w, a, s) in q["layers"].items()}
     quantize_modules(model, plan, default=(None, None), method=q["method"], per_channel=bool(q["per_channel"]))
     model.load_state_dict(payload["state_dict"])
+    if payload.get("batchnorm") is not None:  # absent in files written before it was stored: torch's
+        set_bn_param(model, **payload["batchnorm"])
     model.quant_config = {"fixed_bits": q["fixed_bits"], "method": q["method"], "per_channel": bool(q["per_channel"])}
     model.metadata = dict(payload.get("metadata", {}))
     return model

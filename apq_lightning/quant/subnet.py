@@ -90,16 +90,28 @@ def layer_bits_for(
     layers take ``fixed_bits``. Raises ValueError for a model whose layers are not exactly the
     ones of a :class:`SubnetModel` (nothing may stay float unnoticed).
     """
+    subnet = _policy_subnet(model, subnet)
+    return _layer_plan(model, subnet, resolve_fixed_bits(subnet.search_space, fixed_bits))
+
+
+def _policy_subnet(model: SubnetModel, subnet: Subnet | None) -> Subnet:
+    """``subnet`` (default ``model.subnet``), checked to have the model's architecture."""
     if not isinstance(model, SubnetModel):
         raise ValueError(f"layer_bits_for needs a SubnetModel (Supernet.extract), got {type(model).__name__}")
     subnet = model.subnet if subnet is None else subnet
-    space = get_space(subnet.space)
     if not same_arch(subnet, model.subnet):
         raise ValueError(
             "the policy's subnet has another architecture than the model: "
             f"model {model.subnet.to_json()} vs policy {subnet.to_json()}"
         )
-    plan = fixed_layer_plan(resolve_fixed_bits(space, fixed_bits))
+    return subnet
+
+
+def _layer_plan(
+    model: SubnetModel, subnet: Subnet, fixed: int | None
+) -> dict[str, tuple[int | None, int | None, bool]]:
+    """:func:`layer_bits_for` with the fixed layers' bits already resolved."""
+    plan = fixed_layer_plan(fixed)
     for j, blk in enumerate(model.blocks):
         policy = block_policy(subnet.bits.block(blk.block_index) if subnet.bits is not None else None)
         for conv in BLOCK_CONVS:
@@ -126,11 +138,12 @@ def apply_policy(
     are re-derived from the weights and activation ranges from the calibration histograms, so
     trying many policies on one architecture needs one calibration (see ``set_bits``).
     """
-    subnet = model.subnet if subnet is None else subnet
-    plan = layer_bits_for(model, subnet, fixed_bits)
-    fixed = resolve_fixed_bits(subnet.space, fixed_bits)
-    allowed = allowed_bits(get_space(subnet.space), fixed)
-    quantize_modules(model, plan, default=(None, None), method=method, per_channel=per_channel, allowed_bits=allowed)
+    subnet = _policy_subnet(model, subnet)
+    space = subnet.search_space  # looked up once, passed on as an object
+    fixed = resolve_fixed_bits(space, fixed_bits)
+    plan = _layer_plan(model, subnet, fixed)
+    quantize_modules(model, plan, default=(None, None), method=method, per_channel=per_channel,
+                     allowed_bits=allowed_bits(space, fixed))
     model.subnet = subnet
     model.quant_config = {"fixed_bits": fixed, "method": method, "per_channel": per_channel}
     return model

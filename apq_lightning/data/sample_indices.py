@@ -6,12 +6,21 @@ measures it. The images -- training batches for BatchNorm re-calibration, quanti
 and QAT; the held-out split of the training images for evaluation -- come from the
 :class:`~apq_lightning.data.ImageDataModule` this class extends, so a recipe configures them with
 the same keys as every other stage (``data.init_args.root``, ``dataset``, ``batch_size`` ...).
+The store itself (naming, reading, checks) is :mod:`apq_lightning.collection.store`'s; this
+module only reads it (``data`` -> ``collection.store``, never the other way).
+
+One run per directory: the launching process (rank 0) locks ``output_dir``
+(:class:`~apq_lightning.locks.RunLock`, ``.collection.lock``) when the datamodule is built,
+before any index is planned, and holds it until predicting ends; a second ``apq predict`` on the
+same directory is refused with one line naming the holder (pid, host, command). The kernel drops
+the lock of a killed process, so a ``kill -9`` never blocks the rerun. Other DDP ranks write
+their own rank files under rank 0's lock.
 
 Resuming: indices whose records already sit in ``output_dir`` (any ``samples.rank*.jsonl``,
 from any earlier world size) are left out, so rerunning the same command after a crash or
 ``kill -9`` measures exactly the missing ones. The records must be of the same measurement
 (space, supernet checkpoint, seed, protocol); an ``output_dir`` holding samples of another one
-is refused instead of silently mixed.
+is refused instead of silently mixed, and so is a rank file that is not a sample store.
 
 Sharding: under DDP, rank ``r`` of ``W`` gets every ``W``-th remaining index, without padding,
 so no index is measured twice and ``W`` processes collect ``W`` times faster. The shard is cut
@@ -22,21 +31,24 @@ sampler cuts the very same shards.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from apq_lightning.collection.store import SampleRecord, read_samples
-from apq_lightning.data.datamodule import ImageDataModule  # the submodule: apq_lightning.data imports the store
+from apq_lightning.collection.store import (
+    SampleRecord,
+    SampleStore,
+    check_same_measurement,
+    rank_files,
+    read_store_dir,
+    store_path,
+)
+from apq_lightning.data.datamodule import ImageDataModule
+from apq_lightning.locks import RunLock
 
-__all__ = ["IndexDataset", "SampleIndexDataModule", "SampleIdentity", "store_path"]
-
-
-def store_path(output_dir: str | Path, rank: int) -> Path:
-    """The store file of one process: ``<output_dir>/samples.rank{rank}.jsonl``."""
-    return Path(output_dir) / f"samples.rank{rank}.jsonl"
+__all__ = ["IndexDataset", "SampleIdentity", "SampleIndexDataModule"]
 
 
 class SampleIdentity(Protocol):
@@ -71,7 +83,8 @@ class SampleIndexDataModule(ImageDataModule):
         num_samples: collect indices ``0 … num_samples-1`` (raising it later and rerunning
             collects only the new ones).
         output_dir: where the store files ``samples.rank{r}.jsonl`` are written (by
-            :class:`~apq_lightning.collection.SampleWriter`) and read back for resuming.
+            :class:`~apq_lightning.collection.SampleWriter`) and read back for resuming; locked
+            for this run (see the module docstring).
         resume: skip indices already in ``output_dir`` (``False``: refuse a non-empty one).
         **image_kwargs: everything :class:`ImageDataModule` takes (dataset, root, batch_size, ...).
     """
@@ -124,12 +137,50 @@ class SampleIndexDataModule(ImageDataModule):
         self.todo: list[int] = []
         # Near the end of a resumed run some ranks may have nothing left to measure.
         self.allow_zero_length_dataloader_with_multiple_devices = True
+        self._lock = RunLock(self.output_dir, "collection")
+        # Built by the CLI, before the trainer exists: the launching process claims the directory
+        # now, so a refusal is one line and DDP workers are only started once it holds it. The
+        # workers (LOCAL_RANK / RANK > 0 in their environment) write under its lock.
+        if rank_zero_only.rank == 0:
+            self.claim()
+
+    # ---- the output directory ---------------------------------------------------------------
+    def claim(self) -> None:
+        """Lock ``output_dir`` for this run and check that its rank files are sample stores.
+
+        Idempotent; raises ``ValueError`` naming the holder of the lock or the file that is not
+        a store. Released when predicting ends (``teardown`` / ``on_exception``) or by
+        :meth:`release`.
+        """
+        if self._lock.held:
+            return
+        self._lock.acquire()
+        try:
+            for path in rank_files(self.output_dir):
+                SampleStore(path).check()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def setup(self, stage: str | None = None) -> None:
+        trainer = self.trainer
+        if stage == "predict" and trainer is not None and trainer.global_rank == 0:
+            self.claim()  # a datamodule predicting again after a teardown
+        super().setup(stage)
+
+    def teardown(self, stage: str | None = None) -> None:
+        if stage in (None, "predict"):
+            self.release()
+
+    def on_exception(self, exception: BaseException) -> None:
+        self.release()
 
     # ---- which indices ----------------------------------------------------------------------
     def existing_records(self) -> list[SampleRecord]:
-        files = sorted(self.output_dir.glob("samples.rank*.jsonl")) if self.output_dir.is_dir() else []
-        files = [f for f in files if f.stat().st_size > 0]
-        return read_samples(files) if files else []
+        return read_store_dir(self.output_dir)
 
     def plan(self, identity: dict[str, Any] | None) -> list[int]:
         """All indices still to collect (not yet in ``output_dir``), ascending."""
@@ -141,7 +192,7 @@ class SampleIndexDataModule(ImageDataModule):
             )
         if identity is not None:
             for r in records:
-                _check_same_measurement(r, identity, self.output_dir)
+                check_same_measurement(r, identity, self.output_dir)
         self.done = {r.index for r in records}
         self.todo = [i for i in range(self.num_samples) if i not in self.done]
         return self.todo
@@ -173,29 +224,3 @@ class SampleIndexDataModule(ImageDataModule):
         )
 
     __str__ = __repr__
-
-
-def _check_same_measurement(r: SampleRecord, identity: dict[str, Any], output_dir: Path) -> None:
-    """Raise unless record ``r`` was measured exactly as this run measures (same store)."""
-
-    def refuse(what: str, theirs: Any, ours: Any) -> None:
-        raise ValueError(
-            f"{output_dir} already holds samples measured with another {what} (index {r.index}: "
-            f"{theirs}; this run: {ours}); use another output_dir, or rerun with the settings of "
-            "the stored samples"
-        )
-
-    if r.space != identity["space"]:
-        refuse("space", r.space, identity["space"])
-    if r.supernet_hash != identity["supernet_hash"]:
-        refuse("supernet checkpoint (supernet_hash)", r.supernet_hash, identity["supernet_hash"])
-    if r.seed != identity["seed"]:
-        refuse("seed", r.seed, identity["seed"])
-    if r.kind not in identity["kinds"]:
-        refuse("stage (kind)", r.kind, "/".join(identity["kinds"]))
-    ours = identity["protocol"]
-    if r.protocol != ours:
-        diff = sorted(k for k in set(r.protocol) | set(ours) if r.protocol.get(k) != ours.get(k))
-        theirs_txt = json.dumps({k: r.protocol.get(k) for k in diff})
-        ours_txt = json.dumps({k: ours.get(k) for k in diff})
-        refuse("protocol", theirs_txt, ours_txt)
