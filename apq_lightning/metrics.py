@@ -1,5 +1,5 @@
 """The accuracy numbers of the project: a classifier's top-1 (:func:`top1`) and the ranking
-metrics of accuracy predictors (DESIGN.md §4).
+metrics of accuracy predictors (docs/design.md §6.3).
 
 Each is written once here and called by everything that reports it (sample collection, QAT,
 the predictor module, its scatter plot, the transfer study), so two reports of "the same"
@@ -31,6 +31,8 @@ from torchmetrics.utilities import dim_zero_cat
 __all__ = [
     "PREDICTOR_METRICS",
     "PairwiseAccuracy",
+    "arch_groups",
+    "pairwise_split",
     "PredictorMetrics",
     "count_inversions",
     "pairwise_accuracy",
@@ -150,8 +152,39 @@ def pairwise_accuracy(preds: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return torch.tensor((c + 0.5 * ties) / valid if valid else float("nan"), dtype=torch.float32)
 
 
-def predictor_metrics(preds: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Pairwise accuracy (APQ's), Kendall's τ-b and RMSE of predicted vs. true accuracies.
+def pairwise_split(preds: torch.Tensor, target: torch.Tensor, groups: torch.Tensor) -> dict[str, float]:
+    """Pairwise accuracy on pairs *within* a group and on pairs *across* groups.
+
+    With ``groups`` = the architecture of each sample, ``same_arch`` is the share of pairs of two
+    policies of one architecture that are ordered right -- the bit signal alone, which the overall
+    number hides under the spread between architectures -- and ``diff_arch`` the rest. Ties and
+    NaN as in :func:`pairwise_accuracy`; counted per group, then the across-group counts are the
+    overall ones minus those.
+    """
+    p, t, g = (v.detach().reshape(-1).to(torch.float64) for v in (preds, target, groups))
+    if not p.shape == t.shape == g.shape:
+        raise ValueError(f"preds, target and groups must have the same number of elements, got {p.numel()}, "
+                         f"{t.numel()} and {g.numel()}")
+    c_all, d_all, ties_all = pairwise_counts(p, t)
+    c_in = d_in = ties_in = 0
+    keys, inverse, counts = torch.unique(g, return_inverse=True, return_counts=True)
+    for k in torch.nonzero(counts > 1).reshape(-1).tolist():
+        members = inverse == k
+        c, d, ties = pairwise_counts(p[members], t[members])
+        c_in, d_in, ties_in = c_in + c, d_in + d, ties_in + ties
+
+    def share(c: int, d: int, ties: int) -> float:
+        return (c + 0.5 * ties) / (c + d + ties) if c + d + ties else math.nan
+
+    return {"pairwise_acc_same_arch": share(c_in, d_in, ties_in),
+            "pairwise_acc_diff_arch": share(c_all - c_in, d_all - d_in, ties_all - ties_in),
+            "same_arch_pairs": float(c_in + d_in + ties_in)}
+
+
+def predictor_metrics(preds: torch.Tensor, target: torch.Tensor,
+                      groups: torch.Tensor | None = None) -> dict[str, float]:
+    """Pairwise accuracy (APQ's), Kendall's τ-b and RMSE of predicted vs. true accuracies, and
+    with ``groups`` (each sample's architecture) the :func:`pairwise_split` of the pairwise accuracy.
 
     NaN where a metric is undefined: the two ranking metrics below two samples, RMSE on none.
     """
@@ -159,11 +192,23 @@ def predictor_metrics(preds: torch.Tensor, target: torch.Tensor) -> dict[str, fl
     if p.shape != t.shape:
         raise ValueError(f"preds and target must have the same number of elements, got {p.numel()} and {t.numel()}")
     n = p.numel()
-    return {
+    out = {
         "pairwise_acc": float(pairwise_accuracy(p, t)),
         "kendall_tau": float(kendall_rank_corrcoef(p, t, variant="b")) if n > 1 else math.nan,
         "rmse": float(torch.sqrt(torch.mean((p - t) ** 2))) if n else math.nan,
     }
+    if groups is not None:
+        out.update(pairwise_split(p, t, groups))
+    return out
+
+
+def arch_groups(features: torch.Tensor, fp_dim: int) -> torch.Tensor:
+    """One float64 key per row of encoded features: equal for rows of the same architecture
+    (the first ``fp_dim`` columns), different otherwise (a fixed random projection; a collision
+    needs two different 0/1 rows to project within float64 rounding of each other)."""
+    arch = features.detach()[:, :fp_dim].to(torch.float64)
+    w = torch.randn(fp_dim, generator=torch.Generator().manual_seed(1234), dtype=torch.float64)
+    return arch @ w.to(arch.device)
 
 
 class _CatStates(Metric):
@@ -176,17 +221,27 @@ class _CatStates(Metric):
         super().__init__(**kwargs)
         self.add_state("preds", default=[], dist_reduce_fx="cat")
         self.add_state("target", default=[], dist_reduce_fx="cat")
+        self.add_state("groups", default=[], dist_reduce_fx="cat")
 
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+    def update(self, preds: torch.Tensor, target: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         if preds.numel() != target.numel():
             raise ValueError(
                 f"preds and target must have the same number of elements, got {preds.numel()} and {target.numel()}"
             )
         self.preds.append(preds.detach().reshape(-1).float())
         self.target.append(target.detach().reshape(-1).float())
+        if groups is not None:
+            self.groups.append(groups.detach().reshape(-1).to(torch.float64))
 
     def _cat(self) -> tuple[torch.Tensor, torch.Tensor]:
         return dim_zero_cat(self.preds), dim_zero_cat(self.target)
+
+    def _groups(self) -> torch.Tensor | None:
+        """The groups of every sample, when every update gave them (else None)."""
+        if not self.groups:
+            return None
+        g = dim_zero_cat(self.groups)
+        return g if g.numel() == dim_zero_cat(self.preds).numel() else None
 
 
 class PredictorMetrics(_CatStates):
@@ -194,7 +249,7 @@ class PredictorMetrics(_CatStates):
     :data:`PREDICTOR_METRICS` over everything seen (all batches, all ranks)."""
 
     def compute(self) -> dict[str, float]:
-        return predictor_metrics(*self._cat())
+        return predictor_metrics(*self._cat(), groups=self._groups())
 
 
 class PairwiseAccuracy(_CatStates):

@@ -15,32 +15,35 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
-from apq_lightning.metrics import predictor_metrics
+from apq_lightning.metrics import arch_groups, predictor_metrics
 
 
 @torch.no_grad()
 def predict_split(
     pl_module: L.LightningModule, loader: torch.utils.data.DataLoader
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(preds, targets)`` of a ``(features, acc)`` loader, in eval mode, on the module's device."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(preds, targets, architecture groups)`` of a ``(features, acc)`` loader, in eval mode, on
+    the module's device (groups: :func:`~apq_lightning.metrics.arch_groups`)."""
     predictor = pl_module.predictor
     was_training = predictor.training
     predictor.eval()
-    preds, targets = [], []
+    preds, targets, groups = [], [], []
     try:
         for x, y in loader:
             preds.append(predictor(x.to(pl_module.device)).float().cpu())
             targets.append(y.float().cpu())
+            groups.append(arch_groups(x, predictor.encoder.fp_dim).cpu())
     finally:
         predictor.train(was_training)
     if not preds:
-        return torch.zeros(0), torch.zeros(0)
-    return torch.cat(preds), torch.cat(targets)
+        return torch.zeros(0), torch.zeros(0), torch.zeros(0, dtype=torch.float64)
+    return torch.cat(preds), torch.cat(targets), torch.cat(groups)
 
 
-def scatter_metrics(preds: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-    """The plot's numbers: the sample count and :func:`~apq_lightning.metrics.predictor_metrics`."""
-    return {"n": len(preds), **predictor_metrics(preds, targets)}
+def scatter_metrics(preds: torch.Tensor, targets: torch.Tensor, groups: torch.Tensor | None = None) -> dict[str, float]:
+    """The plot's numbers: the sample count and :func:`~apq_lightning.metrics.predictor_metrics`
+    (with ``groups``: also the same- and different-architecture pairwise accuracy)."""
+    return {"n": len(preds), **predictor_metrics(preds, targets, groups)}
 
 
 class PredictorScatter(L.Callback):
@@ -64,20 +67,22 @@ class PredictorScatter(L.Callback):
         if dm is None or not hasattr(pl_module, "predictor"):
             return
         loader = dm.val_dataloader() if self.split == "val" else dm.test_dataloader()
-        preds, targets = predict_split(pl_module, loader)
+        preds, targets, groups = predict_split(pl_module, loader)
         if len(preds) == 0:
             print(f"predictor scatter: the {self.split} split is empty, nothing to plot", flush=True)
             return
-        self.write(preds, targets, title=f"{pl_module.predictor._name()}, {self.split} split")
+        groups = groups if pl_module.predictor.quantized else None  # FP samples: one policy per architecture
+        self.write(preds, targets, title=f"{pl_module.predictor._name()}, {self.split} split", groups=groups)
 
-    def write(self, preds: torch.Tensor, targets: torch.Tensor, title: str = "") -> dict[str, float]:
+    def write(self, preds: torch.Tensor, targets: torch.Tensor, title: str = "",
+              groups: torch.Tensor | None = None) -> dict[str, float]:
         """Plot and save; returns the metrics (also usable without a trainer)."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        m = scatter_metrics(preds, targets)
+        m = scatter_metrics(preds, targets, groups)
         path = Path(self.out)
         path.parent.mkdir(parents=True, exist_ok=True)
         t, p = targets.numpy(), preds.numpy()
@@ -90,9 +95,13 @@ class PredictorScatter(L.Callback):
         ax.set_ylim(lo - pad, hi + pad)
         ax.set_xlabel("true accuracy")
         ax.set_ylabel("predicted accuracy")
+        split = ""
+        if "pairwise_acc_same_arch" in m:
+            split = (f"\npairwise same arch {m['pairwise_acc_same_arch']:.3f} ({int(m['same_arch_pairs'])} pairs), "
+                     f"different arch {m['pairwise_acc_diff_arch']:.3f}")
         ax.set_title(
-            f"{title}\npairwise {m['pairwise_acc']:.3f}  τ {m['kendall_tau']:.3f}  RMSE {m['rmse']:.4f}  (n={m['n']})",
-            fontsize=9,
+            f"{title}\npairwise {m['pairwise_acc']:.3f}  τ {m['kendall_tau']:.3f}  RMSE {m['rmse']:.4f}  (n={m['n']})"
+            + split, fontsize=9,
         )
         ax.grid(alpha=0.3)
         fig.tight_layout()

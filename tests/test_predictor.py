@@ -21,7 +21,7 @@ from test_encoding import reference_features
 
 from apq_lightning.callbacks import PredictorScatter
 from apq_lightning.cli import main as cli_main
-from apq_lightning.collection.store import TornLineWarning
+from apq_lightning.collection.record import TornLineWarning
 from apq_lightning.data import SubnetSampleDataModule
 from apq_lightning.data.samples import arch_key
 from apq_lightning.encoding import get_encoder
@@ -666,3 +666,49 @@ def test_recipe_chain_fp_then_mp_from_the_lightning_checkpoint(tmp_path, monkeyp
     fp_ckpt.unlink()  # a finished MP module loads without its FP source
     reloaded = PredictorModule.load_from_checkpoint(mp_ckpt, weights_only=True)
     torch.testing.assert_close(reloaded.predictor.state_dict(), mp.state_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# Pairwise accuracy split by architecture (issue 15: does the predictor see the bits?)
+# --------------------------------------------------------------------------------------------
+def _brute_split(p, t, g):
+    same, diff = [0.0, 0], [0.0, 0]
+    for i in range(len(p)):
+        for j in range(i + 1, len(p)):
+            if t[i] == t[j]:
+                continue
+            score = 0.5 if p[i] == p[j] else float((p[i] - p[j]) * (t[i] - t[j]) > 0)
+            bucket = same if g[i] == g[j] else diff
+            bucket[0] += score
+            bucket[1] += 1
+    return same[0] / same[1], diff[0] / diff[1], same[1]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_pairwise_split_equals_a_brute_force_count(seed):
+    from apq_lightning.metrics import pairwise_split, predictor_metrics
+
+    rng = np.random.default_rng(seed)
+    n = 60
+    g = torch.as_tensor(rng.integers(0, 12, n), dtype=torch.float64)  # 12 architectures, ~5 policies each
+    t = torch.as_tensor(rng.integers(0, 20, n) / 20, dtype=torch.float32)  # ties in the targets
+    p = torch.as_tensor(rng.integers(0, 15, n) / 15, dtype=torch.float32)  # and in the predictions
+    same, diff, n_same = _brute_split(p.tolist(), t.tolist(), g.tolist())
+    got = pairwise_split(p, t, g)
+    assert got["pairwise_acc_same_arch"] == pytest.approx(same, abs=1e-12)
+    assert got["pairwise_acc_diff_arch"] == pytest.approx(diff, abs=1e-12)
+    assert got["same_arch_pairs"] == n_same
+    assert predictor_metrics(p, t, g)["pairwise_acc_same_arch"] == got["pairwise_acc_same_arch"]
+    assert "pairwise_acc_same_arch" not in predictor_metrics(p, t)
+
+
+def test_arch_groups_are_equal_exactly_for_one_architecture():
+    from apq_lightning.metrics import arch_groups
+
+    sp = get_space("tiny")
+    enc = get_encoder("tiny")
+    a, b = sp.sample(0), sp.sample(1)
+    subnets = [a.with_bits(4), a.with_bits(8), b.with_bits(4)]
+    x = torch.as_tensor(enc.encode_genomes(np.stack([sp.to_genome(s) for s in subnets]), quantized=True))
+    keys = arch_groups(x, enc.fp_dim)
+    assert keys[0] == keys[1] != keys[2]

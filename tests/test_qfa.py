@@ -14,7 +14,8 @@ from apq_lightning.quant.quantizers import LinearQuantizer
 from apq_lightning.quant.supernet import quantize_supernet, reestimate_supernet, supernet_quant_disabled
 from apq_lightning.space import get_space
 from apq_lightning.space.policy_sampling import mean_bits, sample_policy
-from apq_lightning.supernet import Supernet, export_supernet_weights, is_quantized_for_all, load_supernet
+from apq_lightning.supernet import Supernet
+from apq_lightning.supernet_io import export_supernet_weights, is_quantized_for_all, load_supernet
 
 TINY = get_space("tiny")
 

@@ -26,8 +26,9 @@ from typing import Any
 import numpy as np
 
 from apq_lightning.space import SearchSpace, Subnet, get_space
+from apq_lightning.space.policy_sampling import check_sampler, sample_policy
 
-__all__ = ["MPSampling", "fp_subnet", "index_rng", "mp_kind", "mp_subnet", "qat_seed"]
+__all__ = ["MPSampling", "arch_index", "fp_subnet", "index_rng", "mp_kind", "mp_subnet", "qat_seed"]
 
 
 def index_rng(seed: int, index: int, stream: int | None = None) -> np.random.Generator:
@@ -43,6 +44,15 @@ def qat_seed(seed: int, index: int) -> int:
     return int(index_rng(seed, index, stream=1).integers(0, 2**62))
 
 
+def arch_index(index: int, sampling: MPSampling) -> int:
+    """The index whose generator drew ``index``'s architecture: the group's first index for
+    ``mp_arch_policies``, the index itself otherwise. Policies of one architecture share its QAT
+    seed, so their labels differ by the policy, not by the QAT's data order."""
+    if mp_kind(index, sampling) == "mp_arch_policies":
+        return index - index % sampling.policies_per_arch
+    return index
+
+
 def fp_subnet(space: str | SearchSpace, seed: int, index: int) -> Subnet:
     """Stage 2: a uniformly random float subnet for ``index``."""
     return get_space(space).sample(index_rng(seed, index), quantized=False)
@@ -54,11 +64,14 @@ class MPSampling:
 
     ``uniform_bits``: every sample gets this uniform policy instead of a random one (all kinds
     become ``mp_random``): a study of what quantization costs, not predictor data.
+    ``policy_sampler``: how a random policy is drawn (:mod:`apq_lightning.space.policy_sampling`):
+    ``spread`` (default: mean bit widths that cover the range) or APQ's ``independent``.
     """
 
     arch_policies_fraction: float = 0.5
     policies_per_arch: int = 10
     uniform_bits: int | None = None
+    policy_sampler: str = "spread"
 
     def __post_init__(self) -> None:
         f = self.arch_policies_fraction
@@ -67,6 +80,7 @@ class MPSampling:
         p = self.policies_per_arch
         if not isinstance(p, int) or isinstance(p, bool) or p < 1:
             raise ValueError(f"policies_per_arch must be an integer >= 1, got {p!r}")
+        check_sampler(self.policy_sampler)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +106,8 @@ def mp_subnet(space: str | SearchSpace, seed: int, index: int, sampling: MPSampl
         bits = slice(sp.genome_slices()["pw_w"].start, sp.genome_length)
         genome = np.concatenate([arch[: bits.start], genome[bits]])
     subnet = sp.from_genome(genome, quantized=True)
+    if sampling.policy_sampler != "independent":  # the genome's bit genes are APQ's independent draw
+        subnet = subnet.with_bits(sample_policy(sp, index_rng(seed, index, stream=2), sampling.policy_sampler))
     if sampling.uniform_bits is not None:
         if sampling.uniform_bits not in sp.bit_choices:
             raise ValueError(

@@ -20,7 +20,8 @@ from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from apq_lightning.space import get_space
-from apq_lightning.supernet import Supernet, load_supernet
+from apq_lightning.supernet import Supernet
+from apq_lightning.supernet_io import load_supernet
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -290,6 +291,13 @@ class PhaseCosineScheduler(Scheduler):
     def _get_lr(self, t: int) -> list[float]:
         m = self.multiplier(t)
         return [v * m for v in self.base_values]
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the state but keep this run's schedule: the phase boundaries, peaks and warm-up
+        come from the recipe (a resumed run whose recipe changed its phases follows the new ones)."""
+        keep = {k: getattr(self, k) for k in ("bounds", "peaks", "warmup_steps", "min_ratio")}
+        super().load_state_dict(state_dict)
+        self.__dict__.update(keep)
 
 
 def configure_sgd_phases(

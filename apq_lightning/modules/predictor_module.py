@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 
-from apq_lightning.metrics import PredictorMetrics
+from apq_lightning.metrics import PredictorMetrics, arch_groups
 from apq_lightning.predictor import AccuracyPredictor
 
 LossName = Literal["mse", "ranking", "mse+ranking"]
@@ -51,7 +51,7 @@ class PredictorModule(L.LightningModule):
         space: search space of the samples (must match the datamodule's).
         quantized: ``False`` = FP predictor (stage 3), ``True`` = MP predictor (stage 5).
         hidden, num_layers: MLP size (APQ: 400, 3).
-        lr, weight_decay: Adam (DESIGN.md §4: 1e-3, 1e-4).
+        lr, weight_decay: Adam (docs/design.md §6.3: 1e-3, 1e-4).
         loss: ``mse`` (APQ), ``ranking`` or ``mse+ranking``.
         ranking_weight: weight of the ranking term in ``mse+ranking``.
         ranking_temperature: ``τ`` of the logistic ranking loss, in accuracy units.
@@ -149,7 +149,7 @@ class PredictorModule(L.LightningModule):
         pred = self(x)
         self.log(f"{stage}/loss", self._loss(pred, y), on_epoch=True, prog_bar=stage == "val", batch_size=len(y),
                  sync_dist=True)
-        metrics.update(pred, y)
+        metrics.update(pred, y, arch_groups(x, self.predictor.encoder.fp_dim))
 
     def _log_metrics(self, stage: str, metrics: PredictorMetrics) -> None:
         """The epoch's ranking metrics: pairs span the whole split, so they are computed once at its end."""

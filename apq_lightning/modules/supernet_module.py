@@ -31,7 +31,8 @@ from apq_lightning.modules.common import (
 from apq_lightning.quant.supernet import quantize_supernet, reestimate_supernet
 from apq_lightning.space import SearchSpace, Subnet, get_space
 from apq_lightning.space.policy_sampling import check_sampler, sample_policy
-from apq_lightning.supernet import Supernet, bn_param, load_supernet, recalibrate_bn, set_bn_param
+from apq_lightning.supernet import Supernet, bn_param, recalibrate_bn, set_bn_param
+from apq_lightning.supernet_io import load_supernet
 
 PHASE_NAMES = ("full", "kernel", "depth", "width", "quant")
 

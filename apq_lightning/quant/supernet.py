@@ -26,7 +26,8 @@ from apq_lightning.layout import BLOCK_CONVS, FIXED_LAYERS
 from apq_lightning.space import Subnet
 
 from .bits import SUPPORTED_BITS, CalibrationMethod, check_method, validate_bits
-from .layers import QuantLayerMixin, observe, quantize_modules
+from .calibration import observe
+from .layers import QuantLayerMixin, quantize_modules
 from .quantizers import LinearQuantizer
 from .subnet import FixedBits, allowed_bits, fixed_layer_plan, resolve_fixed_bits, same_arch
 
@@ -40,6 +41,7 @@ __all__ = [
     "supernet_quant_disabled",
     "dequantize_supernet",
     "reestimate_supernet",
+    "is_batch_quantized",
 ]
 
 
@@ -203,6 +205,12 @@ def quantize_supernet(
     supernet._apq_quant = st  # type: ignore[attr-defined]
     _set_range_source(supernet, ranges)
     return supernet
+
+
+def is_batch_quantized(supernet: nn.Module) -> bool:
+    """Whether ``supernet`` carries batch-range quantizers (a quantized-for-all supernet)."""
+    st = getattr(supernet, "_apq_quant", None)
+    return st is not None and st.ranges == "batch"
 
 
 def _all_quantizers(supernet: Supernet) -> Iterator[tuple[LinearQuantizer, LinearQuantizer]]:

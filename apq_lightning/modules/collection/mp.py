@@ -1,4 +1,15 @@
-"""Stage 4: the accuracy of random quantized subnets after calibration and a short QAT."""
+"""Stage 4: the accuracy of random quantized subnets, by one of two protocols.
+
+* ``short_qat`` (APQ's): extract the subnet, re-calibrate BatchNorm, calibrate the quantizers
+  (KL), a short QAT, then BatchNorm re-estimated on the fixed images again (after QAT in train
+  mode on augmented batches, its running statistics would mostly come from those batches), and
+  top-1. The QAT seed is the *architecture's* (every policy of one architecture sees the same
+  data order), so what differs between its policies is the policy.
+* ``qfa``: the subnet and policy run inside a quantized-for-all supernet (trained with a
+  ``quant`` phase): BatchNorm statistics and activation ranges re-estimated on the fixed images
+  (:func:`~apq_lightning.quant.supernet.reestimate_supernet`), then top-1 on the same held-out
+  images as FP collection. No training per sample: the cost of an FP sample plus quantization.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +21,18 @@ import torch
 from torch.utils.data import DataLoader, RandomSampler
 
 from apq_lightning.collection.measure import top1
-from apq_lightning.collection.sampling import MPSampling, mp_subnet, qat_seed
+from apq_lightning.collection.sampling import MPSampling, arch_index, mp_subnet, qat_seed
 from apq_lightning.collection.store import MP_KINDS, SampleRecord
 from apq_lightning.modules.collection.base import CL, ImageSets, SubnetCollectionModule, check_count
 from apq_lightning.modules.collection.qat import ShortQAT, short_qat
 from apq_lightning.quant import check_method, quantize_subnet
 from apq_lightning.quant.subnet import FixedBits, clone_float, resolve_fixed_bits
+from apq_lightning.quant.supernet import is_batch_quantized, reestimate_supernet
+from apq_lightning.space import Subnet
 from apq_lightning.supernet import recalibrate_bn
+
+MP_PROTOCOLS: tuple[str, ...] = ("short_qat", "qfa")
+"""How an MP sample is measured (see the module docstring)."""
 
 
 class MPCollectionModule(SubnetCollectionModule):
@@ -36,6 +52,9 @@ class MPCollectionModule(SubnetCollectionModule):
             post-training quantization.
         kd_ratio, kd_temperature, label_smoothing: QATModule's loss, CE + ``kd_ratio`` × KD
             from the float subnet (a frozen copy taken after BN re-calibration).
+        protocol: ``short_qat`` or ``qfa`` (module docstring); ``qfa`` needs a supernet with a
+            quant phase and ignores the calibration and QAT settings.
+        policy_sampler: ``spread`` (default) or APQ's ``independent`` per-tensor draw.
     """
 
     KINDS = MP_KINDS
@@ -68,12 +87,16 @@ class MPCollectionModule(SubnetCollectionModule):
         kd_ratio: float = 1.0,
         kd_temperature: float = 1.0,
         label_smoothing: float = 0.0,
+        protocol: str = "short_qat",
+        policy_sampler: str = "spread",
     ) -> None:
+        if protocol not in MP_PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r} unknown; allowed: {list(MP_PROTOCOLS)}")
         check_method(method)
         check_count("calib_batches", calib_batches, 1)
         check_count("calib_batch_size", calib_batch_size, 1)
         qat = ShortQAT(qat_steps, qat_batch_size, lr, momentum, weight_decay, kd_ratio, kd_temperature, label_smoothing)
-        sampling = MPSampling(arch_policies_fraction, policies_per_arch, uniform_bits)
+        sampling = MPSampling(arch_policies_fraction, policies_per_arch, uniform_bits, policy_sampler)
         super().__init__(
             supernet_ckpt,
             space,
@@ -91,6 +114,11 @@ class MPCollectionModule(SubnetCollectionModule):
                 f"uniform_bits={uniform_bits} is not a bit choice of space {self.space.name!r}; "
                 f"allowed: {list(self.space.bit_choices)}"
             )
+        if protocol == "qfa" and not is_batch_quantized(self.supernet):
+            raise ValueError(
+                f"protocol qfa needs a quantized-for-all supernet (trained with a 'quant' phase, e.g. "
+                f"recipes/supernet_cifar_qfa.yaml); {supernet_ckpt or 'the random supernet'} has no quant phase: "
+                f"train one, or use protocol: short_qat")
         self.qat = qat
         self.sampling = sampling
         self.fixed_bits = resolve_fixed_bits(self.space, fixed_bits)
@@ -107,8 +135,14 @@ class MPCollectionModule(SubnetCollectionModule):
 
     def protocol(self) -> dict[str, Any]:
         h = self.hparams
+        if h.protocol == "qfa":
+            return {"stage": "mp", "protocol": "qfa", **self._data_protocol, "fixed_bits": self.fixed_bits,
+                    "sampling": self.sampling.to_dict()}
         return {
             "stage": "mp",
+            "protocol": "short_qat",
+            "qat_seed": "per_architecture",
+            "bn_after_qat": True,
             **self._data_protocol,
             "calib_batches": h.calib_batches,
             "calib_batch_size": h.calib_batch_size,
@@ -128,10 +162,26 @@ class MPCollectionModule(SubnetCollectionModule):
         return DataLoader(train, batch_size=self.qat.batch_size, sampler=sampler, num_workers=0, drop_last=True)
 
     def measure(self, index: int) -> SampleRecord:
+        kind, subnet = mp_subnet(self.space, self.seed, index, self.sampling)
+        if self.hparams.protocol == "qfa":
+            return self.measure_qfa(index, kind, subnet)
+        return self.measure_short_qat(index, kind, subnet)
+
+    def measure_qfa(self, index: int, kind: str, subnet: Subnet) -> SampleRecord:
+        t0 = time.perf_counter()
+        with torch.inference_mode(False):
+            self.supernet.set_active(subnet)
+            reestimate_supernet(self.supernet, self.bn_images())
+            t1 = time.perf_counter()
+            acc = top1(self.supernet, self.eval_batches())
+        t2 = time.perf_counter()
+        timing = {"total_s": t2 - t0, "bn_s": t1 - t0, "calib_s": 0.0, "qat_s": 0.0, "eval_s": t2 - t1}
+        return self.record(subnet, acc, index, kind, timing)
+
+    def measure_short_qat(self, index: int, kind: str, subnet: Subnet) -> SampleRecord:
         h = self.hparams
         t0 = time.perf_counter()
-        kind, subnet = mp_subnet(self.space, self.seed, index, self.sampling)
-        seed = qat_seed(self.seed, index)
+        seed = qat_seed(self.seed, arch_index(index, self.sampling))
         devices = [self.device] if self.device.type == "cuda" else []
         # Predict runs under inference mode; QAT needs autograd, and the data order and
         # augmentation of this sample must not depend on what ran before it.
@@ -151,6 +201,7 @@ class MPCollectionModule(SubnetCollectionModule):
             t3 = time.perf_counter()
             if self.qat.steps > 0:
                 short_qat(model, teacher, self.qat_batches(seed), self.qat, channels_last=h.channels_last)
+                recalibrate_bn(model, self.bn_images())  # its own statistics, on the fixed images
             t4 = time.perf_counter()
             acc = top1(model, self.eval_batches())
             t5 = time.perf_counter()
