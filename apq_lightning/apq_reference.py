@@ -10,7 +10,7 @@ It is a translation, not a load, because three things differ besides the names:
 
 * **BatchNorm** -- the reference network runs every BN at ``eps = 1e-3`` (momentum 0.1); torch's
   default is ``1e-5``. Neither is a state-dict entry, so the file stores them (``batchnorm``)
-  and :func:`~apq_lightning.supernet.load_supernet` applies them;
+  and :func:`~apq_lightning.supernet_io.load_supernet` applies them;
 * **kernel transformations** -- the reference maps a flattened ``k×k`` centre through
   ``F.linear(w, M)``, i.e. ``w @ Mᵀ``; the supernet here computes ``w @ T``: ``T = Mᵀ``;
 * **channel order** -- none to translate: both networks run the *first* ``mid`` channels of a
@@ -35,7 +35,8 @@ from pathlib import Path
 
 import torch
 
-from apq_lightning.supernet import WEIGHTS_FORMAT, Supernet, save_supernet_weights, set_bn_param
+from apq_lightning.supernet import Supernet, set_bn_param
+from apq_lightning.supernet_io import WEIGHTS_FORMAT, save_supernet_weights
 from apq_lightning.torch_io import read_torch_file
 
 REFERENCE_SPACE = "apq_imagenet"

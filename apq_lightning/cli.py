@@ -114,7 +114,7 @@ def export_supernet_main(argv: list[str]) -> int:
     args = ap.parse_args(argv)
     import torch
 
-    from apq_lightning.supernet import export_supernet_weights
+    from apq_lightning.supernet_io import export_supernet_weights
 
     try:
         out = export_supernet_weights(args.ckpt, args.out, getattr(torch, args.dtype))

@@ -1,4 +1,4 @@
-"""The predictor's input: one-hot features of a subnet in the APQ layout (DESIGN.md §3).
+"""The predictor's input: one-hot features of a subnet in the APQ layout (docs/design.md §5).
 
 Layout, choices in ascending order::
 

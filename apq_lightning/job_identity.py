@@ -44,7 +44,7 @@ def _plain(value: Any) -> Any:
 
 def store_fingerprint(patterns: list[str]) -> list[dict[str, Any]]:
     """Name, size and SHA-256 (16 hex digits) of every store file the patterns match."""
-    from apq_lightning.collection.store import store_files
+    from apq_lightning.collection.reading import store_files
 
     out = []
     for path in store_files(patterns):

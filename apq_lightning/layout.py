@@ -1,4 +1,4 @@
-"""The layers of a space's networks, described once and without torch (DESIGN.md §2, §5, §6).
+"""The layers of a space's networks, described once and without torch (docs/design.md §3.1, §7, §8).
 
 Every network of a :class:`~apq_lightning.space.SearchSpace` -- the supernet, an extracted
 :class:`~apq_lightning.layers.SubnetModel`, the modules timed for a latency table -- is
@@ -37,7 +37,7 @@ from apq_lightning.space import BIT_FIELDS, BlockSpec, SearchSpace
 
 class ConvShape(NamedTuple):
     """Geometry of one conv layer (a linear layer is a 1x1 conv on a 1x1 map), in the field
-    order of a cost-table key (DESIGN.md §6)."""
+    order of a cost-table key (docs/design.md §8.2)."""
 
     in_channels: int
     out_channels: int

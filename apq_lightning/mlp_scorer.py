@@ -11,7 +11,7 @@ dense. Outputs equal the module's forward on ``encode_genomes`` to float32 round
 One implementation for both users: the search scores every generation with it
 (:mod:`apq_lightning.search.scorer`), and ``AccuracyPredictor.predict`` scores populations
 with it, so a search's predicted accuracy and the predictor's agree exactly. It sits beside the
-predictor, below the search, as DESIGN.md §7's import order asks.
+predictor, below the search, as the import order of docs/design.md §14.2 asks.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Accuracy predictors: an MLP from a subnet's one-hot encoding to its accuracy (DESIGN.md §4).
+"""Accuracy predictors: an MLP from a subnet's one-hot encoding to its accuracy (docs/design.md §6).
 
 Two flavours share one class:
 
@@ -19,7 +19,7 @@ the sample stores and the encoder use too) and scores them with the search's
 (``embedding_bag``), which never builds the dense ``(N, 772)`` input, and the very numbers the
 search ranks by.
 
-This module imports only ``space``, ``encoding``, ``mlp_scorer`` and ``torch_io`` (DESIGN.md §7).
+This module imports only ``space``, ``encoding``, ``mlp_scorer`` and ``torch_io`` (docs/design.md §14.2).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class AccuracyPredictor(nn.Module):
 
     # ---- transfer ----------------------------------------------------------------------
     def transfer_from(self, fp: AccuracyPredictor | str | Path) -> AccuracyPredictor:
-        """Start this MP predictor from an FP predictor (DESIGN.md §4; APQ's predictor transfer).
+        """Start this MP predictor from an FP predictor (docs/design.md §6.2; APQ's predictor transfer).
 
         Copies every shared weight (``layers.*``, ``regressor.*``) and sets ``quantize_fc`` to
         **zeros**: the transferred MP predictor then computes exactly the FP predictor's function

@@ -4,7 +4,10 @@ Each stage is one ``apq`` command on a recipe, run as its own process, exactly a
 type it; stages pass files (checkpoints, sample stores, search results), never globals. Every
 command is resumable by itself (``--ckpt_path last`` for fits, finished indices skipped by the
 collections, finished final runs skipped), so rerunning this driver after a kill finishes the
-interrupted stage and passes quickly over the done ones.
+interrupted stage. The done ones are not even started again: ``<out>/stages_done.json`` records
+each command that finished with a digest of its inputs and outputs (:class:`DoneLedger`), and a
+command whose record still matches is skipped. One driver at a time per ``<out>``: a second one
+is refused with one line naming the first (:func:`apq_lightning.locks.run_lock`).
 
     python -m apq_lightning.stages --preset tiny                      # digits, offline, minutes
     python -m apq_lightning.stages --preset cifar --data PATH.tar.gz  # CIFAR-10, CPU hours
@@ -17,6 +20,7 @@ energy and BitOps, beside the fixed-precision baselines, and it names the folder
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -31,6 +35,8 @@ from pathlib import Path
 import yaml
 
 from apq_lightning.cli import STAGES
+from apq_lightning.locks import RunLockedError, run_lock
+from apq_lightning.outputs import write_json
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,7 @@ class Preset:
     transfer_sizes: str = "8,16,all"
     transfer_seeds: str = "0,1"
     transfer_epochs: int = 60
+    needs_data: bool = True  # the recipes read a dataset given with --data (tiny: scikit-learn's digits, built in)
 
     def args(self, stage: str) -> tuple[str, ...]:
         if stage not in STAGE_KEYS:
@@ -98,7 +105,7 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         "tiny", "recipes/supernet_tiny.yaml", "recipes/collect_fp_tiny.yaml", "recipes/collect_mp_tiny.yaml",
         "recipes/predictor_fp_tiny.yaml", "recipes/predictor_mp_tiny.yaml", "recipes/finetune_tiny.yaml",
-        budgets=(0.45, 0.6), fp_samples=200, mp_samples=40, generations=100,
+        budgets=(0.45, 0.6), fp_samples=200, mp_samples=40, generations=100, needs_data=False,
     ),
     # CIFAR-10, apq_cifar: sized for 2 CPU cores, 2 h 10 min measured (docs/results/cifar10.md):
     # a 13-epoch supernet (69 min), 800 FP samples on 2,000 held-out images (1.6 s each), 120 MP
@@ -130,6 +137,89 @@ def _apq(args: list[str], log: Path) -> None:
         raise SystemExit(f"stage failed (exit {proc.returncode}): apq {shlex.join(args)}\n--- {log} (end) ---\n{tail}")
 
 
+@dataclass(frozen=True)
+class Step:
+    """One ``apq`` command of a stage and the files that tell whether an earlier run finished it.
+
+    ``outputs``: files or glob patterns the command writes (each must match a file once it is
+    done). ``inputs``: files or patterns it reads that its arguments do not name (the stores a
+    predictor recipe lists); every existing file its arguments name (recipe, checkpoints, search
+    result, data archive) is an input already.
+    """
+
+    args: tuple[str, ...]
+    outputs: tuple[str, ...]
+    inputs: tuple[str, ...] = ()
+
+    @property
+    def text(self) -> str:
+        return shlex.join(self.args)
+
+
+class DoneLedger:
+    """``<out>/stages_done.json``: each command a run of this folder finished, with a digest of its
+    inputs (the command line and the content of every input file) and of its outputs.
+
+    Why: rerunning a finished command costs a process start and a data setup (seconds to minutes)
+    for nothing, and some commands (the baselines' searches) are not idempotent. A command is
+    skipped only while both digests still match: new inputs (a changed recipe, a retrained
+    predictor, more samples) or a changed or missing output run it again, and the command's own
+    resume decides what is left to do.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256
+
+    def _digest(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        if key not in self._digests:
+            h = hashlib.sha256()
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            self._digests[key] = h.hexdigest()
+        return self._digests[key]
+
+    @staticmethod
+    def _matches(pattern: str) -> list[Path]:
+        path = Path(pattern)
+        if not any(c in pattern for c in "*?["):
+            return [path] if path.is_file() else []
+        return sorted(p for p in path.parent.glob(path.name) if p.is_file())
+
+    def key(self, step: Step) -> str:
+        written = {p for pattern in step.outputs for p in self._matches(pattern)}
+        named = [Path(a) for a in step.args if not a.startswith("-") and Path(a).is_file()]
+        files = [p for p in named if p not in written] + [p for pat in step.inputs for p in self._matches(pat)]
+        text = json.dumps({"args": list(step.args), "files": {str(p): self._digest(p) for p in files}})
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def outputs(self, step: Step) -> dict[str, str] | None:
+        """Digest of every output, or None while one of the patterns matches nothing."""
+        found = {pattern: self._matches(pattern) for pattern in step.outputs}
+        if not all(found.values()):
+            return None
+        return {str(p): self._digest(p) for paths in found.values() for p in paths}
+
+    def _read(self) -> dict:
+        try:
+            return json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+            return {}  # none yet, or unreadable: every command runs (and resumes by itself)
+
+    def done(self, step: Step, key: str) -> bool:
+        outputs = self.outputs(step)
+        return outputs is not None and self._read().get(step.text) == {"key": key, "outputs": outputs}
+
+    def record(self, step: Step, key: str) -> None:
+        outputs = self.outputs(step)
+        if outputs is None:
+            raise SystemExit(f"stage command ended without its outputs {', '.join(step.outputs)}: apq {step.text}")
+        write_json(self.path, {**self._read(), step.text: {"key": key, "outputs": outputs}})
+
+
 def _budget_name(ms: float) -> str:
     return f"latency_ms={ms:g}"
 
@@ -139,72 +229,91 @@ def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = N
 
     ``supernet``: a trained supernet (stage-1 checkpoint or weights-only file, e.g. the shipped
     ``weights/apq_cifar_supernet.pt``) to start from at stage 2; ``None`` trains stage 1.
+    A stage an earlier run of ``out`` finished (:class:`DoneLedger`) is skipped: 0 s.
     """
     log = out / "pipeline.log"
     times: dict[str, float] = {}
     supernet_ckpt = Path(supernet) if supernet else p.run("supernet") / "checkpoints" / "last.ckpt"
     fp_ckpt = p.run("predictor_fp") / "checkpoints" / "last.ckpt"
     mp_ckpt = p.run("predictor_mp") / "checkpoints" / "last.ckpt"
+    fp_stores, mp_stores = tuple(p.stores("predictor_fp")), tuple(p.stores("predictor_mp"))
 
     ledger = out / "stage_times.json"  # wall seconds per stage, added up over reruns (resumed chunks)
+    done = DoneLedger(out / "stages_done.json")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as fh:  # where each run (a resumed chunk) starts in the log
+        fh.write(f"\n# pipeline run of preset {p.name}, started {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                 f"(pid {os.getpid()})\n")
 
-    def stage(name: str, *commands: list[str]) -> None:
+    def stage(name: str, *steps: Step) -> None:
         t = time.perf_counter()
-        for c in commands:
-            _apq(c, log)
+        ran = False
+        for step in steps:
+            key = done.key(step)
+            if done.done(step, key):
+                continue
+            _apq(list(step.args), log)
+            done.record(step, key)
+            ran = True
         times[name] = time.perf_counter() - t
         total = json.loads(ledger.read_text()) if ledger.is_file() else {}
         total[name] = total.get(name, 0.0) + times[name]
-        ledger.write_text(json.dumps(total, indent=1))
-        print(f"== stage {name}: {times[name]:.0f} s", flush=True)
+        write_json(ledger, total)  # atomic: a kill while it is written leaves the previous one
+        line = f"== stage {name}: {times[name]:.0f} s" if ran else f"== stage {name}: done by an earlier run, skipped"
+        with log.open("a") as fh:
+            fh.write(line + "\n")
+        print(line, flush=True)
 
     if supernet is None:
-        stage(STAGE["1"], ["fit", "--config", p.recipe("supernet"), *data, "--ckpt_path", "last",
-                             *p.args("supernet")])
+        stage(STAGE["1"], Step(("fit", "--config", p.recipe("supernet"), *data, "--ckpt_path", "last",
+                                *p.args("supernet")), outputs=(str(supernet_ckpt),)))
     elif not supernet_ckpt.is_file():
         raise SystemExit(f"--supernet {supernet}: no such file (a stage-1 checkpoint or supernet weights file)")
-    stage(STAGE["2"], ["predict", "--config", p.recipe("collect_fp"), *data, "--model.init_args.supernet_ckpt",
-                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.fp_samples),
-                           *p.args("collect_fp")])
-    stage(STAGE["3"], ["fit", "--config", p.recipe("predictor_fp"), "--ckpt_path", "last",
-                             *p.args("predictor_fp")])
-    stage(STAGE["4"], ["predict", "--config", p.recipe("collect_mp"), *data, "--model.init_args.supernet_ckpt",
-                           str(supernet_ckpt), "--data.init_args.num_samples", str(p.mp_samples),
-                           *p.args("collect_mp")])
-    stage(STAGE["5"], ["fit", "--config", p.recipe("predictor_mp"), "--model.init_args.transfer_from",
-                             str(fp_ckpt), "--ckpt_path", "last", *p.args("predictor_mp")])
+    stage(STAGE["2"], Step(("predict", "--config", p.recipe("collect_fp"), *data, "--model.init_args.supernet_ckpt",
+                            str(supernet_ckpt), "--data.init_args.num_samples", str(p.fp_samples),
+                            *p.args("collect_fp")), outputs=fp_stores))
+    stage(STAGE["3"], Step(("fit", "--config", p.recipe("predictor_fp"), "--ckpt_path", "last",
+                            *p.args("predictor_fp")), outputs=(str(fp_ckpt),), inputs=fp_stores))
+    stage(STAGE["4"], Step(("predict", "--config", p.recipe("collect_mp"), *data, "--model.init_args.supernet_ckpt",
+                            str(supernet_ckpt), "--data.init_args.num_samples", str(p.mp_samples),
+                            *p.args("collect_mp")), outputs=mp_stores))
+    stage(STAGE["5"], Step(("fit", "--config", p.recipe("predictor_mp"), "--model.init_args.transfer_from",
+                            str(fp_ckpt), "--ckpt_path", "last", *p.args("predictor_mp")),
+                           outputs=(str(mp_ckpt),), inputs=mp_stores))
     study = out / "transfer_study"
     if not (study / "transfer_study.json").is_file():
-        stage(STAGE["5b"], ["transfer-study", "--fp-stores", *p.stores("predictor_fp"), "--mp-stores",
-                                    *p.stores("predictor_mp"), "--sizes", p.transfer_sizes, "--seeds",
-                                    p.transfer_seeds, "--epochs", str(p.transfer_epochs), "--out", str(study),
-                                    *p.args("transfer_study")])
+        stage(STAGE["5b"], Step(("transfer-study", "--fp-stores", *fp_stores, "--mp-stores", *mp_stores,
+                                 "--sizes", p.transfer_sizes, "--seeds", p.transfer_seeds, "--epochs",
+                                 str(p.transfer_epochs), "--out", str(study), *p.args("transfer_study")),
+                                outputs=(str(study / "transfer_study.json"),), inputs=fp_stores + mp_stores))
     searches = []
     for ms in p.budgets:
         res = out / "search" / f"{_budget_name(ms)}.json"
         searches.append((ms, res))
         if not (res.is_file() and res.with_suffix(".png").is_file()):
-            stage(f"{STAGE['6']} {_budget_name(ms)}", [
+            stage(f"{STAGE['6']} {_budget_name(ms)}", Step((
                 "search", "--predictor", str(mp_ckpt), "--hardware", "bitfusion", "--constraint", _budget_name(ms),
                 "--generations", str(p.generations), "--seed", "0", "--out", str(res),
-                "--plot", str(res.with_suffix(".png"))])
-    finetune = [*data, *p.args("finetune")]
+                "--plot", str(res.with_suffix(".png"))), outputs=(str(res), str(res.with_suffix(".png")))))
+    finetune = (*data, *p.args("finetune"))
     for ms, res in searches:
-        stage(f"{STAGE['7']} {_budget_name(ms)}", ["final", "--search", str(res), "--supernet", str(supernet_ckpt),
-                                             "--recipe", p.recipe("finetune"), "--out",
-                                             str(out / "final" / _budget_name(ms)),
-                                             "--table", str(out / "final" / "report"), *finetune])
+        final = out / "final" / _budget_name(ms)
+        stage(f"{STAGE['7']} {_budget_name(ms)}", Step((
+            "final", "--search", str(res), "--supernet", str(supernet_ckpt), "--recipe", p.recipe("finetune"),
+            "--out", str(final), "--table", str(out / "final" / "report"), *finetune),
+            outputs=(str(final / "final.json"),)))
     for ms in p.budgets:
-        common = ["--fp-predictor", str(fp_ckpt), "--mp-predictor", str(mp_ckpt), "--hardware", "bitfusion",
-                  "--constraint", _budget_name(ms), "--generations", str(p.generations)]
+        common = ("--fp-predictor", str(fp_ckpt), "--mp-predictor", str(mp_ckpt), "--hardware", "bitfusion",
+                  "--constraint", _budget_name(ms), "--generations", str(p.generations))
+        finetuned, predicted = out / "baselines" / _budget_name(ms), out / "baselines_predicted" / _budget_name(ms)
         # Fixed precision and the sequential pipeline are finetuned like APQ's subnets (achieved
         # accuracy); the largest subnet and random search are compared on predicted accuracy.
         stage(f"{STAGE['baselines']} {_budget_name(ms)}",
-              ["baselines", *common, "--methods", "fp-search,sequential", "--bits", p.baseline_bits,
-               "--out", str(out / "baselines" / _budget_name(ms)), "--finetune", "--supernet", str(supernet_ckpt),
-               "--recipe", p.recipe("finetune"), *finetune],
-              ["baselines", *common, "--methods", "largest,random", "--bits", p.baseline_bits,
-               "--out", str(out / "baselines_predicted" / _budget_name(ms))])
+              Step(("baselines", *common, "--methods", "fp-search,sequential", "--bits", p.baseline_bits,
+                    "--out", str(finetuned), "--finetune", "--supernet", str(supernet_ckpt),
+                    "--recipe", p.recipe("finetune"), *finetune), outputs=(str(finetuned / "baselines.json"),)),
+              Step(("baselines", *common, "--methods", "largest,random", "--bits", p.baseline_bits,
+                    "--out", str(predicted)), outputs=(str(predicted / "baselines.json"),)))
     return times
 
 
@@ -288,11 +397,15 @@ def main(argv: list[str] | None = None) -> int:
                          "as weights/apq_cifar_supernet.pt) instead of training stage 1")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
-    if p.name != "tiny" and not args.data:
+    if p.needs_data and not args.data:
         ap.error(f"--preset {p.name} needs --data PATH (an ImageFolder tree or .tar.gz of CIFAR-10)")
     data = ["--data.init_args.root", str(Path(args.data).resolve())] if args.data else []
     out = Path(args.out or f"runs/pipeline_{p.name}")
-    report = run_all(p, out, data, args.supernet)
+    try:
+        report = run_all(p, out, data, args.supernet)
+    except RunLockedError as err:
+        print(f"pipeline: {err}", file=sys.stderr)
+        return 2
     print("\n" + report.read_text(), flush=True)
     return 0
 
@@ -303,20 +416,25 @@ def run_all(p: Preset, out: Path, data: list[str], supernet: str | None = None) 
 
     The wall time of every stage is added up over reruns in ``<out>/stage_times.json``, so a
     pipeline run in several resumed chunks still reports what each stage cost in all.
+
+    The whole run holds ``run_lock(out, "pipeline")``: a second driver on ``out`` (which would run
+    the same commands on the same files at the same time) gets :class:`RunLockedError` naming the
+    first; the kernel drops the lock however this process ends, ``kill -9`` included.
     """
-    times = run_pipeline(p, out, data, supernet)
-    rows = results_rows(p, out)
-    table = results_table(rows)
-    plots = collect_plots(p, out)
-    total_times = json.loads((out / "stage_times.json").read_text())
-    results = {"preset": p.name, "budgets_ms": list(p.budgets), "rows": rows, "stage_seconds_this_run": times,
-               "stage_seconds_all_runs": total_times, "plots": str(plots)}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    stage_lines = "\n".join(f"| {k} | {times[k]:.0f} | {total_times[k]:.0f} |" for k in times)
-    report = (f"# APQ pipeline, preset {p.name}\n\n{table}\n\nWall time per stage (s): this run, and all runs "
-              f"of this folder together (resumed chunks):\n\n| stage | this run | all runs |\n|---|---|---|\n"
-              f"{stage_lines}\n\nThis run {sum(times.values()):.0f} s. Plots: {plots}/\n")
-    (out / "results.md").write_text(report)
+    with run_lock(out, "pipeline"):
+        times = run_pipeline(p, out, data, supernet)
+        rows = results_rows(p, out)
+        table = results_table(rows)
+        plots = collect_plots(p, out)
+        total_times = json.loads((out / "stage_times.json").read_text())
+        results = {"preset": p.name, "budgets_ms": list(p.budgets), "rows": rows, "stage_seconds_this_run": times,
+                   "stage_seconds_all_runs": total_times, "plots": str(plots)}
+        (out / "results.json").write_text(json.dumps(results, indent=1))
+        stage_lines = "\n".join(f"| {k} | {times[k]:.0f} | {total_times[k]:.0f} |" for k in times)
+        report = (f"# APQ pipeline, preset {p.name}\n\n{table}\n\nWall time per stage (s): this run, and all "
+                  f"runs of this folder together (resumed chunks):\n\n| stage | this run | all runs |\n|---|---|---|\n"
+                  f"{stage_lines}\n\nThis run {sum(times.values()):.0f} s. Plots: {plots}/\n")
+        (out / "results.md").write_text(report)
     return out / "results.md"
 
 

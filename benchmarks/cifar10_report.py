@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from apq_lightning.collection.store import merge_stores, read_samples, store_files  # noqa: E402
+from apq_lightning.collection.reading import read_samples, store_files  # noqa: E402
+from apq_lightning.collection.store import merge_stores  # noqa: E402
 from apq_lightning.stages import PRESETS, results_table  # noqa: E402
 
 PRESET = PRESETS["cifar"]

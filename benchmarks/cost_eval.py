@@ -1,4 +1,4 @@
-"""Vectorised cost evaluation vs the per-subnet loop (DESIGN.md §6, issue 4 item 4).
+"""Vectorised cost evaluation vs the per-subnet loop (docs/design.md §8, issue 4 item 4).
 
 10,000 random ``apq_imagenet`` genomes (with bit policies) through the BitFusion cost model:
 ``evaluate(genomes)`` (precomputed per-block tables + numpy gathers) beside
@@ -85,8 +85,8 @@ def main(argv: list[str] | None = None) -> int:
 def fit_report(seed: int) -> None:
     """Held-out and network-level accuracy of the fit of the BitFusion table."""
     from apq_lightning.hardware import BitFusionCost, FittedBitFusionCost, LayerwiseCost, cross_validate
-    from apq_lightning.hardware.cost import TablePricer
     from apq_lightning.hardware.fit import rank_agreement
+    from apq_lightning.hardware.pricing import TablePricer
 
     t0 = time.perf_counter()
     r = cross_validate(n_splits=5)

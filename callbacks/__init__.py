@@ -1,6 +1,6 @@
 """Lightning callbacks of apq-lightning, installed as ``apq_lightning.callbacks``.
 
-They import ``apq_lightning``; the library never imports them (DESIGN.md §7).
+They import ``apq_lightning``; the library never imports them (docs/design.md §14).
 """
 
 from apq_lightning.callbacks.checkpoint import LastCheckpoint, ProgressExceptionCheckpoint

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apq_lightning.collection.store import SampleRecord
+from apq_lightning.collection.record import SampleRecord
 from apq_lightning.encoding import get_encoder
 from apq_lightning.space import get_space
 

@@ -22,7 +22,8 @@ from apq_lightning.cli import main
 from apq_lightning.final.pipeline import supernet_space
 from apq_lightning.modules.common import load_checked_supernet
 from apq_lightning.space import Subnet, get_space
-from apq_lightning.supernet import WEIGHTS_FORMAT, bn_param, export_supernet_weights, load_supernet
+from apq_lightning.supernet import bn_param
+from apq_lightning.supernet_io import WEIGHTS_FORMAT, export_supernet_weights, load_supernet
 
 SPACE = get_space("apq_imagenet")
 STAGES = ((24, 2, 4), (40, 2, 4), (80, 2, 4), (96, 1, 4), (192, 2, 4), (320, 1, 1))

@@ -1,4 +1,4 @@
-"""The predictor's input encoding (DESIGN.md §3): sizes, layout, round trips, genomes vs subnets."""
+"""The predictor's input encoding (docs/design.md §5): sizes, layout, round trips, genomes vs subnets."""
 
 from __future__ import annotations
 

@@ -28,8 +28,8 @@ from apq_lightning.hardware import (
     parse_key,
 )
 from apq_lightning.hardware.commands import cost_main, lut_main
-from apq_lightning.hardware.cost import TablePricer
 from apq_lightning.hardware.geometry import block_convs
+from apq_lightning.hardware.pricing import TablePricer
 from apq_lightning.space import BitPolicy, Subnet, get_space
 
 METRICS = ("latency_ms", "energy_mJ", "bitops", "size_bytes", "feasible", "source")

@@ -19,7 +19,7 @@ from apq_lightning.callbacks import ValidationCurves
 from apq_lightning.cli import main as cli_main
 from apq_lightning.data import ImageDataModule
 from apq_lightning.modules import Phase, SupernetModule, load_supernet
-from apq_lightning.modules.supernet_module import resolve_phase
+from apq_lightning.modules.phases import resolve_phase
 from apq_lightning.space import get_space
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -310,7 +310,7 @@ def test_phase_schedule_restarts_at_each_boundary_with_the_phase_rate():
 
 def test_start_phase_continues_from_weights_and_bad_settings_are_named(tmp_path):
     phases = [Phase("full", 1), Phase("kernel", 1, lr=0.01)]
-    from apq_lightning.supernet import export_supernet_weights
+    from apq_lightning.supernet_io import export_supernet_weights
 
     trainer, first = _fit_tiny(tmp_path / "a", phases[:1], 1, limit_train_batches=2, limit_val_batches=1)
     ckpt = tmp_path / "first.ckpt"

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from apq_lightning.final.pipeline import supernet_space
-from apq_lightning.supernet import CHECKPOINT_PREFIX, WEIGHTS_FORMAT, Supernet, export_supernet_weights, load_supernet
+from apq_lightning.supernet import Supernet
+from apq_lightning.supernet_io import CHECKPOINT_PREFIX, WEIGHTS_FORMAT, export_supernet_weights, load_supernet
 
 
 def _trained_like_checkpoint(path, space: str = "tiny", num_classes: int = 10):

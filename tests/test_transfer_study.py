@@ -194,7 +194,7 @@ def test_module_command_help_runs_in_a_fresh_interpreter():
 
 
 def test_nothing_in_the_package_imports_the_study_but_the_cli():
-    """DESIGN.md §7: the study sits above data/modules/predictor; only the command line reaches it."""
+    """docs/design.md §14.2: the study sits above data/modules/predictor; only the command line reaches it."""
     importers = []
     package = ROOT / "apq_lightning"
     for path in package.rglob("*.py"):

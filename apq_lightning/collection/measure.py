@@ -9,7 +9,7 @@ samples are collected. Hence:
   forward pass of a small subnet;
 * the subnet runs either **inside the supernet** (``mode="inplace"``: ``set_active`` +
   re-calibrating the supernet's own BN buffers, no copy) or as an **extracted** static model
-  (``mode="extract"``); both give the same accuracy, and ``benchmarks/collect_fp.py`` measures
+  (``mode="extract"``); both give the same accuracy, and ``benchmarks/collection_cost.py`` measures
   which is faster.
 """
 

@@ -21,7 +21,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from apq_lightning.collection.store import SampleRecord, SampleStore, read_store_dir, store_path
+from apq_lightning.collection.record import SampleRecord
+from apq_lightning.collection.store import SampleStore, read_store_dir, store_path
 
 __all__ = ["SampleWriter", "summarize"]
 

@@ -4,8 +4,8 @@ for collection, and predictor samples.
 Every LightningDataModule of the project lives here: :class:`ImageDataModule` (supernet, QAT),
 :class:`SampleIndexDataModule` (stages 2 and 4: indices to measure, resuming, DDP shards, the
 output-directory lock) and :class:`SubnetSampleDataModule` (stages 3 and 5: features and
-accuracies read from sample stores). The sample store itself is
-:mod:`apq_lightning.collection.store`; this package imports it, and nothing under
+accuracies read from sample stores). The sample store itself is :mod:`apq_lightning.collection`'s
+(``record``, ``store``, ``reading``); this package imports it, and nothing under
 :mod:`apq_lightning.collection` imports this package.
 """
 

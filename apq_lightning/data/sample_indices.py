@@ -6,8 +6,8 @@ measures it. The images -- training batches for BatchNorm re-calibration, quanti
 and QAT; the held-out split of the training images for evaluation -- come from the
 :class:`~apq_lightning.data.ImageDataModule` this class extends, so a recipe configures them with
 the same keys as every other stage (``data.init_args.root``, ``dataset``, ``batch_size`` ...).
-The store itself (naming, reading, checks) is :mod:`apq_lightning.collection.store`'s; this
-module only reads it (``data`` -> ``collection.store``, never the other way).
+The store itself (naming, reading, checks) is :mod:`apq_lightning.collection`'s (``record``,
+``store``, ``reading``); this module only uses it (``data`` -> ``collection``, never the other way).
 
 One run per directory: the launching process (rank 0) locks ``output_dir``
 (:class:`~apq_lightning.locks.RunLock`, ``.collection.lock``) when the datamodule is built,
@@ -37,14 +37,9 @@ from typing import Any, Protocol
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset
 
-from apq_lightning.collection.store import (
-    SampleRecord,
-    SampleStore,
-    check_same_measurement,
-    rank_files,
-    read_store_dir,
-    store_path,
-)
+from apq_lightning.collection.reading import check_same_measurement
+from apq_lightning.collection.record import SampleRecord
+from apq_lightning.collection.store import SampleStore, rank_files, read_store_dir, store_path
 from apq_lightning.data.datamodule import ImageDataModule
 from apq_lightning.locks import RunLock
 

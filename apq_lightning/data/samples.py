@@ -12,7 +12,7 @@ Design choices, and why:
   not across its bit policies (``mp_arch_policies`` measures one architecture under several),
   not across FP and MP stores, and not as stores grow: a record's split never changes.
 * **Incremental reading, by the store's reader.** Each file is read from where the last read
-  stopped (:func:`~apq_lightning.collection.store.read_from` and its cursor: the store's own
+  stopped (:func:`~apq_lightning.collection.reading.read_from` and its cursor: the store's own
   parser and checks, nothing re-implemented here), so ``follow=True`` (re-read at every epoch,
   for a predictor that trains while collection runs) costs only the new lines. A torn last line
   (a write in progress, or a crash) is left for the next read, any other malformed line fails
@@ -44,7 +44,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
-from apq_lightning.collection.store import KINDS, SameOrigin, SampleRecord, StoreCursor, read_from, store_files
+from apq_lightning.collection.reading import SameOrigin, StoreCursor, read_from, store_files
+from apq_lightning.collection.record import KINDS, SampleRecord
 from apq_lightning.encoding import get_encoder
 from apq_lightning.space import SearchSpace, Subnet, get_space, to_genomes
 
@@ -202,8 +203,8 @@ class SubnetSampleDataModule(L.LightningDataModule):
     def refresh(self) -> int:
         """Read what was appended to the stores since the last call; returns the new samples.
 
-        Each file is read on from its :class:`~apq_lightning.collection.store.StoreCursor`
-        (:func:`~apq_lightning.collection.store.read_from`); a file replaced or truncated since
+        Each file is read on from its :class:`~apq_lightning.collection.reading.StoreCursor`
+        (:func:`~apq_lightning.collection.reading.read_from`); a file replaced or truncated since
         is read anew. A failed read (a refused record) leaves the cursor where it was.
         """
         before = self._count()

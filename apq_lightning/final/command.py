@@ -49,7 +49,7 @@ def _final_parser() -> argparse.ArgumentParser:
                     "--trainer., --model., --data. go to the recipe (e.g. --data.root PATH).")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--search", help="search result JSON (search --out, or an EvolutionSearch file): its 'best'")
-    src.add_argument("--subnet", help="a plain subnet JSON (DESIGN.md §2, or the APQ reference spec)")
+    src.add_argument("--subnet", help="a plain subnet JSON (docs/design.md §2.3, or the APQ reference spec)")
     p.add_argument("--budget-index", type=int, default=None, help="which search of a multi-budget result")
     p.add_argument("--predictor", default=None, help="with --subnet: an accuracy predictor for the report's "
                    "predicted accuracy")

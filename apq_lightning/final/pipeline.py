@@ -8,7 +8,7 @@
    any recipe overrides (``--data.root``, ``--trainer.max_epochs`` ...);
 3. QAT-finetunes it (:class:`~apq_lightning.modules.QATModule`), resuming from
    ``OUT/checkpoints/last.ckpt`` when an earlier run was interrupted;
-4. evaluates top-1 on the **test** split (the only stage that touches it, DESIGN.md §8);
+4. evaluates top-1 on the **test** split (the only stage that touches it, docs/design.md §11);
 5. exports ``OUT/quantized.pt`` (:func:`~apq_lightning.quant.save_quantized`: state dict + subnet
    JSON, ``weights_only``-loadable), reloads it with :func:`~apq_lightning.quant.load_quantized` and
    checks that it gives the same outputs, then writes ``OUT/model.onnx`` (QuantizeLinear /
@@ -36,7 +36,7 @@ from apq_lightning.final.report import append_row
 from apq_lightning.hardware import get_cost_model
 from apq_lightning.outputs import write_json
 from apq_lightning.space import Subnet, get_space, save_subnets
-from apq_lightning.supernet import supernet_contents
+from apq_lightning.supernet_io import supernet_contents
 from apq_lightning.torch_io import read_torch_file
 
 RECIPE_GROUPS: tuple[str, ...] = ("--trainer.", "--model.", "--data.", "--seed_everything")
@@ -100,7 +100,7 @@ def read_search(path: str | Path, budget_index: int | None = None, label: str | 
 
 
 def read_subnet(path: str | Path, label: str | None = None) -> FinalTarget:
-    """A plain subnet JSON (DESIGN.md §2, or the APQ reference spec)."""
+    """A plain subnet JSON (docs/design.md §2.3, or the APQ reference spec)."""
     doc = _read_json(path, "subnet JSON")
     if isinstance(doc, dict) and "best" in doc:
         raise FinalInputError(f"{path} is a search result, not a subnet: pass it with --search")

@@ -1,4 +1,4 @@
-"""Hardware cost models (DESIGN.md §6): lookup tables, a fit beyond the table, BitOps / size.
+"""Hardware cost models (docs/design.md §8): lookup tables, a fit beyond the table, BitOps / size.
 
 Quick use::
 

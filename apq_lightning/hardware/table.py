@@ -1,7 +1,7 @@
 """Per-layer cost lookup tables: the key format, parsing, loading and saving.
 
 A table maps one conv layer at one bit-width pair to its latency (ms) and, where known,
-energy (mJ). The key format is the APQ reference's (DESIGN.md §6)::
+energy (mJ). The key format is the APQ reference's (docs/design.md §8.2)::
 
     "(Cin, Cout, H_in, kernel, stride, padding, groups)-W{w_bits}A{a_bits}"
 

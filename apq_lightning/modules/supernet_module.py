@@ -1,9 +1,10 @@
 """Progressive shrinking (stage 1) as a LightningModule.
 
-Training runs through *phases* given in the recipe, each making one more dimension elastic:
-full network → elastic kernel → elastic depth (e.g. {3,4} then {2,3,4}) → elastic width
-(coarse then fine). Every step samples ``subnets_per_step`` subnets from the current phase's
-choices, runs each on the batch and distils from the full network (CE + λ·KD).
+Training runs through *phases* given in the recipe (:mod:`apq_lightning.modules.phases`), each
+making one more dimension elastic: full network → elastic kernel → elastic depth (e.g. {3,4}
+then {2,3,4}) → elastic width (coarse then fine). Every step samples ``subnets_per_step``
+subnets from the current phase's choices, runs each on the batch and distils from the full
+network (CE + λ·KD).
 
 Under DDP every rank must activate the same subnet at a given step (otherwise gradients of
 different architectures would be averaged): the sampler is seeded from ``(seed, global_step)``.
@@ -12,7 +13,7 @@ different architectures would be averaged): the sampler is seeded from ``(seed, 
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Literal
 
 import numpy as np
@@ -28,136 +29,12 @@ from apq_lightning.modules.common import (
     check_training_args,
     configure_sgd_phases,
 )
+from apq_lightning.modules.phases import Phase, as_phases, resolve_phase, sample_from
 from apq_lightning.quant.supernet import quantize_supernet, reestimate_supernet
-from apq_lightning.space import SearchSpace, Subnet, get_space
-from apq_lightning.space.policy_sampling import check_sampler, sample_policy
+from apq_lightning.space import Subnet, get_space
+from apq_lightning.space.policy_sampling import sample_policy
 from apq_lightning.supernet import Supernet, bn_param, recalibrate_bn, set_bn_param
 from apq_lightning.supernet_io import load_supernet
-
-PHASE_NAMES = ("full", "kernel", "depth", "width", "quant")
-
-
-@dataclass
-class Phase:
-    """One progressive-shrinking phase.
-
-    ``name`` says which dimension this phase opens; earlier dimensions stay elastic.
-    ``kernels`` / ``depths`` restrict the sampled values (``None`` = every choice of the space);
-    ``widths``: ``max`` (largest only), ``coarse`` (expand ratios 4, 5, 6 of the block input,
-    i.e. multiples of Cin) or ``all`` (the fine-grained step-8 set).
-    ``lr``: the phase's peak learning rate under ``lr_schedule: phase`` (``None`` = the module's
-    ``lr``); once-for-all trains its elastic phases at a fraction of the full network's rate.
-
-    ``quant`` (quantized-for-all, after the width phases): every sub-step also draws a bit policy
-    (``sampler``, see :mod:`apq_lightning.space.policy_sampling`) and runs the subnet quantized
-    inside the supernet, with batch-statistics ranges (so ranges stay right when the policy
-    changes every step), distilled from the float full network; ``sandwich``: the first sub-step
-    of every step trains the largest architecture (at a random policy).
-    """
-
-    name: Literal["full", "kernel", "depth", "width", "quant"] = "full"
-    epochs: int = 1
-    kernels: list[int] | None = None
-    depths: list[int] | None = None
-    widths: Literal["max", "coarse", "all"] | None = None
-    lr: float | None = None
-    sampler: str = "spread"
-    sandwich: bool = True
-
-    def __post_init__(self) -> None:
-        # Messages start with "phases" so that the CLI can name the recipe key.
-        if self.name not in PHASE_NAMES:
-            raise ValueError(f"phases: phase name {self.name!r} unknown; allowed: {list(PHASE_NAMES)}")
-        if isinstance(self.epochs, bool) or not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ValueError(f"phases: phase {self.name!r} has epochs={self.epochs!r}; must be an integer >= 1")
-        try:
-            check_sampler(self.sampler)
-        except ValueError as err:
-            raise ValueError(f"phases: phase {self.name!r}: {err}") from None
-        if self.widths not in (None, "max", "coarse", "all"):
-            raise ValueError(f"phases: phase {self.name!r} has widths={self.widths!r}; allowed: max, coarse, all")
-        if self.lr is not None:
-            ok = isinstance(self.lr, (int, float)) and not isinstance(self.lr, bool) and 0 < self.lr < float("inf")
-            if not ok:
-                raise ValueError(f"phases: phase {self.name!r} has lr={self.lr!r}; must be a number > 0 (or null "
-                                 f"for the module's lr)")
-
-
-@dataclass
-class PhaseChoices:
-    """The value sets a phase samples from (resolved against a space)."""
-
-    kernels: tuple[int, ...]
-    depths: tuple[tuple[int, ...], ...]
-    widths: tuple[tuple[int, ...], ...]
-
-    @property
-    def elastic(self) -> bool:
-        """More than one subnet to sample (otherwise: the full network, no distillation)."""
-        return len(self.kernels) > 1 or any(len(c) > 1 for c in (*self.depths, *self.widths))
-
-
-def resolve_phase(phase: Phase, space: SearchSpace) -> PhaseChoices:
-    """Turn a phase into concrete per-stage / per-block choice sets (validated against the space)."""
-    level = PHASE_NAMES.index(phase.name)
-    kernels = tuple(space.kernel_choices) if level >= 1 else (max(space.kernel_choices),)
-    if phase.kernels is not None:
-        bad = set(phase.kernels) - set(space.kernel_choices)
-        if bad:
-            raise ValueError(f"phase {phase.name!r}: kernels {sorted(bad)} not in space {list(space.kernel_choices)}")
-        kernels = tuple(sorted(phase.kernels))
-    depths = []
-    for allowed in space.stage_depth_choices:
-        ds = allowed if level >= 2 else (max(allowed),)
-        if phase.depths is not None and len(allowed) > 1:
-            bad = set(phase.depths) - set(space.depth_choices)
-            if bad:
-                raise ValueError(f"phase {phase.name!r}: depths {sorted(bad)} not in space {list(space.depth_choices)}")
-            ds = tuple(d for d in allowed if d in phase.depths) or (max(allowed),)
-        depths.append(tuple(ds))
-    mode = phase.widths or ("all" if level >= 3 else "max")
-    widths = []
-    for blk in space.blocks:
-        if mode == "max":
-            widths.append((blk.width_choices[-1],))
-        elif mode == "coarse":
-            widths.append(tuple(w for w in blk.width_choices if w % blk.in_channels == 0))
-        else:
-            widths.append(blk.width_choices)
-    return PhaseChoices(kernels, tuple(depths), tuple(widths))
-
-
-def sample_from(choices: PhaseChoices, space: SearchSpace, rng: np.random.Generator) -> Subnet:
-    depths = [int(rng.choice(d)) for d in choices.depths]
-    kernels = [int(rng.choice(choices.kernels)) for _ in space.blocks]
-    widths = [int(rng.choice(w)) for w in choices.widths]
-    return space.subnet(depths, kernels, widths)
-
-
-def default_phases(epochs: int = 1) -> list[Phase]:
-    """OFA's schedule with ``epochs`` per phase (full, kernel, depth 2×, width 2×)."""
-    return [
-        Phase("full", epochs),
-        Phase("kernel", epochs),
-        Phase("depth", epochs, depths=[3, 4]),
-        Phase("depth", epochs),
-        Phase("width", epochs, widths="coarse"),
-        Phase("width", epochs, widths="all"),
-    ]
-
-
-def _as_phases(phases: Any) -> list[Phase]:
-    """The phase list (``None``: :func:`default_phases`); an empty list trains nothing, so it is
-    an error rather than a silent fall-back to the default schedule."""
-    if phases is None:
-        return default_phases()
-    if isinstance(phases, (str, bytes, dict)) or not isinstance(phases, (list, tuple)):
-        raise ValueError(f"phases must be a list of phases ({{name, epochs, ...}}), got {type(phases).__name__} "
-                         f"{phases!r}")
-    if not phases:
-        raise ValueError("phases is empty, which trains nothing; give at least one phase, e.g. "
-                         "[{name: full, epochs: 1}], or leave phases out for the default schedule")
-    return [p if isinstance(p, Phase) else Phase(**p) for p in phases]
 
 
 class SupernetModule(DistilledTraining):
@@ -191,7 +68,7 @@ class SupernetModule(DistilledTraining):
             self.space = get_space(space)
         except ValueError as err:
             raise ValueError(f"space: {err}") from None
-        all_phases = _as_phases(phases)
+        all_phases = as_phases(phases)
         # Plain dicts in the checkpoint so that it loads with weights_only=True.
         self.save_hyperparameters(ignore=["phases"])
         self.hparams["phases"] = [asdict(p) for p in all_phases]
@@ -406,6 +283,4 @@ class SupernetModule(DistilledTraining):
             self.set_teacher(model)
 
 
-
-__all__ = ["Phase", "PhaseChoices", "SupernetModule", "default_phases", "load_supernet", "resolve_phase",
-           "sample_from"]
+__all__ = ["SupernetModule"]

@@ -2,14 +2,16 @@
 a subnet's bit policy to modules.
 
 Modules: ``bits`` (bit widths, methods), ``ranges`` (KL / min-max range search, histogram
-observer), ``quantizers`` (:class:`LinearQuantizer`), ``layers`` (quantized Conv2d / Linear,
-``quantize_modules``, ``calibrate``), ``counting`` (MACs, BitOps, size), ``subnet`` (a policy on
-an extracted subnet), ``supernet`` (a policy inside the supernet), ``export`` (save / load).
+observer), ``quantizers`` (:class:`LinearQuantizer`), ``cpu_kernel`` (the vectorised CPU
+fake-quant kernel it uses), ``layers`` (quantized Conv2d / Linear, ``quantize_modules``),
+``calibration`` (``calibrate``: choosing the ranges), ``counting`` (MACs, BitOps, size),
+``subnet`` (a policy on an extracted subnet), ``supernet`` (a policy inside the supernet),
+``export`` (save / load).
 Named policies (``uniform4``, ``w4a8``, ``float``) belong to the space
 (:func:`apq_lightning.space.named_policy`) and are re-exported here.
 
 Model-agnostic on purpose: everything addresses Conv2d / Linear layers by qualified module name,
-so the supernet's bit policy (DESIGN.md §2) plugs in as a ``{name: (w_bits, a_bits)}`` mapping.
+so the supernet's bit policy (docs/design.md §3.1) plugs in as a ``{name: (w_bits, a_bits)}`` mapping.
 
 Typical use::
 
@@ -18,7 +20,7 @@ Typical use::
     print(quant_summary(model))
     count_bitops(model, (1, 3, 224, 224))
 
-APQ subnets (the per-block policy of DESIGN.md §2 on an extracted subnet or on the supernet)::
+APQ subnets (the per-block policy of docs/design.md §3.1 on an extracted subnet or on the supernet)::
 
     model = quantize_subnet(supernet.extract(subnet), subnet, calib_batches)
     quantize_supernet(supernet); supernet.set_active(subnet); calibrate_supernet(supernet, calib_batches)
@@ -27,6 +29,7 @@ APQ subnets (the per-block policy of DESIGN.md §2 on an extracted subnet or on 
 from apq_lightning.space import apply_named_policy, named_policy, policy_names  # named policies: a fact of the space
 
 from .bits import SUPPORTED_BITS, CalibrationMethod, check_method, qrange, validate_bits
+from .calibration import calibrate, calibrate_weights
 from .counting import LayerCost, count_bitops, count_macs, layer_costs, model_size_bytes
 from .export import QUANTIZED_FORMAT, load_quantized, save_quantized
 from .layers import (
@@ -34,8 +37,6 @@ from .layers import (
     QuantConv2d,
     QuantLayerMixin,
     QuantLinear,
-    calibrate,
-    calibrate_weights,
     quant_summary,
     quantizable_layers,
     quantize_modules,

@@ -1,4 +1,4 @@
-"""MACs, BitOps and model size of any ``nn.Module`` (DESIGN.md §5).
+"""MACs, BitOps and model size of any ``nn.Module`` (docs/design.md §7.6).
 
 Counting rules
 --------------

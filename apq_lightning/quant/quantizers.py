@@ -1,4 +1,4 @@
-"""Linear fake quantizers (DESIGN.md §5).
+"""Linear fake quantizers (docs/design.md §7.1).
 
 The quantizer formula
 ---------------------
@@ -20,16 +20,9 @@ straight-through estimator with clipping as backward -- gradient 1 where ``round
 lies inside ``[qmin, qmax]`` and 0 outside. (PyTorch computes ``x * (1/s)`` rather than
 ``x / s``; the two differ only on exact ties.)
 
-One exception, for speed (docs/quantization.md §3 "CPU fast path" and §6): per-tensor float32
-tensors on the CPU -- every activation, and the weights unless ``per_channel`` -- go through
-:func:`fake_quantize_cpu`, the same arithmetic written with vectorised tensor ops. PyTorch's
-CPU kernel for this op is a scalar loop that made QAT steps ~1.5x as slow as float steps;
-the vectorised form brings them to ~1.1x. It returns the op's values bit for bit and its
-gradients (``tests/test_quant_primitives.py`` compares the two over every bit width, both
-signednesses, ties, range edges, out-of-range and infinite values); the only differences: NaN
-inputs give NaN instead of ``qmin * s``, and a blocked gradient is +0.0 where the op gives
--0.0 for a negative incoming gradient. ``LinearQuantizer.fast_cpu = False`` uses PyTorch's op
-everywhere.
+One exception, for speed: per-tensor float32 tensors on the CPU go through the vectorised
+kernel of :mod:`~apq_lightning.quant.cpu_kernel` (the op's values and gradients, ~1.1x a float
+step instead of ~1.5x); ``LinearQuantizer.fast_cpu = False`` uses PyTorch's op everywhere.
 
 The range ``v`` is a buffer, not a parameter: APQ chooses it once by KL calibration
 (:mod:`apq_lightning.quant.ranges`) and keeps it fixed during QAT.
@@ -42,11 +35,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
 from .bits import SUPPORTED_BITS, CalibrationMethod, check_method, qrange, validate_bits
+from .cpu_kernel import fake_quantize_cpu_prepared, float32_reciprocal, ste_window
 from .ranges import HistogramObserver, tensor_range
 
 __all__ = [
@@ -54,7 +47,6 @@ __all__ = [
     "CalibrationMethod",
     "QuantSpec",
     "LinearQuantizer",
-    "fake_quantize_cpu",
     "qrange",
     "check_method",
     "validate_bits",
@@ -63,100 +55,6 @@ __all__ = [
 # Smallest range used to build a scale: an all-zero tensor (a dead channel) must not produce a
 # zero scale, which the fake-quant kernels reject (and 1/s would overflow).
 _MIN_RANGE = 1e-8
-
-
-# ---------------------------------------------------------------------------- the CPU kernel
-def ste_window(scale: float, qmin: int, qmax: int) -> tuple[float, float]:
-    """Open interval ``(lo, hi)`` of the float32 inputs whose gradient passes.
-
-    PyTorch's op lets the gradient through where ``qmin <= nearbyint(fl32(x * fl32(1/s))) <=
-    qmax``. ``x -> fl32(x * inv)`` is monotone, so that set is an interval of floats; its ends
-    are found here with the same float32 arithmetic (a few ``nextafter`` steps from the real
-    thresholds ``(qmin - 1/2) s`` and ``(qmax + 1/2) s``), exactly, once per range.
-    """
-    f32 = np.float32
-    s = f32(scale)
-    inv = f32(1.0) / s
-
-    def level(x: np.float32) -> np.float32:
-        return np.rint(f32(x) * inv)  # float32 product, round half to even
-
-    def step(x: np.float32, up: bool) -> np.float32:
-        return np.nextafter(x, f32(np.inf) if up else f32(-np.inf))
-
-    def edge(start: float, inside: Any, up: bool) -> np.float32:
-        # the last float inside the interval, walking from `start` towards the edge `up`
-        x = f32(start)
-        for _ in range(10_000):
-            if inside(x):
-                nxt = step(x, up)
-                if not inside(nxt) or nxt == x:
-                    return x
-                x = nxt
-            else:
-                x = step(x, not up)
-        raise RuntimeError(f"no STE window for scale={scale}, qmin={qmin}, qmax={qmax}")  # pragma: no cover
-
-    with np.errstate(over="ignore", invalid="ignore"):
-        first = edge((qmin - 0.5) * float(s), lambda x: level(x) >= qmin, up=False)
-        last = edge((qmax + 0.5) * float(s), lambda x: level(x) <= qmax, up=True)
-    return float(step(first, False)), float(step(last, True))
-
-
-def _fq_values(x: Tensor, scale: float, inv_scale: float, qmin: int, qmax: int) -> Tensor:
-    # fl32(x * inv) -> clamp -> round half to even -> 0 + q * s. Clamping before rounding gives the
-    # same integers (the bounds are integers); `0 + q*s` is one rounding of the exact product (what
-    # the op computes in double and rounds once) and turns -0.0 into +0.0, as the op does.
-    q = torch.mul(x, inv_scale).clamp_(qmin, qmax).round_()
-    return torch.add(_ZERO, q, alpha=scale, out=q)
-
-
-_ZERO = torch.zeros((), dtype=torch.float32)
-
-
-class _FakeQuantizeCPU(torch.autograd.Function):
-    """Forward: :func:`_fq_values`; backward: the op's straight-through mask, applied as one
-    vectorised ``hardtanh_backward`` pass over the saved input (``lo < x < hi``) instead of a
-    saved bool mask (which the op converts to float and multiplies: two passes)."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, scale: float, inv_scale: float, qmin: int, qmax: int,  # type: ignore[override]
-                lo: float, hi: float) -> Tensor:
-        ctx.save_for_backward(x)
-        ctx.window = (lo, hi)
-        return _fq_values(x, scale, inv_scale, qmin, qmax)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        lo, hi = ctx.window
-        return torch.ops.aten.hardtanh_backward(grad, x, lo, hi), None, None, None, None, None, None
-
-
-def fake_quantize_cpu(
-    x: Tensor, scale: float, qmin: int, qmax: int, window: tuple[float, float] | None = None
-) -> Tensor:
-    """``torch.fake_quantize_per_tensor_affine(x, scale, 0, qmin, qmax)`` for float32 CPU tensors,
-    vectorised: the same values and gradients (NaN inputs excepted: NaN out, not ``qmin * s``).
-
-    ``scale`` must be a float32 value (``float(torch.tensor(s, dtype=torch.float32))``); its
-    reciprocal is taken in float32, as the op does. ``window`` is :func:`ste_window`'s result
-    (pass it when calling repeatedly; :class:`LinearQuantizer` caches it with the range).
-    The input is saved for the backward pass (rather than a mask), so it must not be modified
-    in place before ``backward`` (autograd raises if it is). Memory format is preserved.
-    """
-    lo, hi = window if window is not None else ste_window(scale, qmin, qmax)
-    return _fake_quantize_cpu(x, scale, _reciprocal(scale), qmin, qmax, lo, hi)
-
-
-def _reciprocal(scale: float) -> float:
-    return float(np.float32(1.0) / np.float32(scale))  # float32 division, as the op's `1.0f / sc`
-
-
-def _fake_quantize_cpu(x: Tensor, scale: float, inv_scale: float, qmin: int, qmax: int, lo: float, hi: float) -> Tensor:
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _FakeQuantizeCPU.apply(x, scale, inv_scale, qmin, qmax, lo, hi)
-    return _fq_values(x, scale, inv_scale, qmin, qmax)
 
 
 def tensor_amax(x: Tensor, signed: bool, ch_axis: int | None = None) -> Tensor:
@@ -183,7 +81,7 @@ def fake_quantize_range(x: Tensor, v: Tensor, bits: int, signed: bool, ch_axis: 
     if ch_axis is None and x.device.type == "cpu" and x.dtype == torch.float32 and LinearQuantizer.fast_cpu:
         s = float(scale)
         window = (-math.inf, math.inf) if covers else ste_window(s, qmin, qmax)
-        return _fake_quantize_cpu(x, s, _reciprocal(s), qmin, qmax, *window)
+        return fake_quantize_cpu_prepared(x, s, float32_reciprocal(s), qmin, qmax, *window)
     if ch_axis is not None:
         zp = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
         return torch.fake_quantize_per_channel_affine(x, scale, zp, ch_axis, qmin, qmax)
@@ -250,9 +148,10 @@ class LinearQuantizer(nn.Module):
     calibrated: Tensor
 
     fast_cpu: ClassVar[bool] = True
-    """Per-tensor float32 CPU inputs use :func:`fake_quantize_cpu` (same values and gradients as
-    PyTorch's op; a QAT step ~1.1x a float step instead of ~1.5x); ``False`` (on the class or on
-    one instance) uses ``torch.fake_quantize_per_tensor_affine`` everywhere."""
+    """Per-tensor float32 CPU inputs use :func:`~apq_lightning.quant.cpu_kernel.fake_quantize_cpu`
+    (same values and gradients as PyTorch's op; a QAT step ~1.1x a float step instead of ~1.5x);
+    ``False`` (on the class or on one instance) uses ``torch.fake_quantize_per_tensor_affine``
+    everywhere."""
 
     def __init__(
         self,
@@ -388,8 +287,8 @@ class LinearQuantizer(nn.Module):
         """``(key, qmin, qmax, scale, zero_point, cpu)`` for :meth:`forward`, cached.
 
         ``cpu`` is ``(s, 1/s, lo, hi)`` -- the float32 scale and its float32 reciprocal as Python
-        floats, and the STE window of :func:`ste_window` -- for a per-tensor quantizer whose range
-        lives on the CPU, else None.
+        floats, and the STE window of :func:`~apq_lightning.quant.cpu_kernel.ste_window` -- for a
+        per-tensor quantizer whose range lives on the CPU, else None.
         The key is the ``v`` tensor object itself, its version counter (bumped by every in-place
         write: ``set_range``, ``reset``, ``load_state_dict``, ``v.fill_(...)``), the bits and the
         signedness; replacing ``v`` (``.to(device)``, a new shape) changes the object. Reading a
@@ -407,7 +306,7 @@ class LinearQuantizer(nn.Module):
         cpu = None
         if not self.per_channel and scale.device.type == "cpu":
             s = float(scale)
-            cpu = (s, _reciprocal(s), *ste_window(s, qmin, qmax))
+            cpu = (s, float32_reciprocal(s), *ste_window(s, qmin, qmax))
         self._qcache = (key, qmin, qmax, scale, zero_point, cpu)
         return self._qcache
 
@@ -497,7 +396,7 @@ class LinearQuantizer(nn.Module):
         else:
             _, qmin, qmax, scale, zero_point, cpu = self._qparams()
             if cpu is not None and self.fast_cpu and x.dtype == torch.float32 and x.device.type == "cpu":
-                return _fake_quantize_cpu(x, cpu[0], cpu[1], qmin, qmax, cpu[2], cpu[3])
+                return fake_quantize_cpu_prepared(x, cpu[0], cpu[1], qmin, qmax, cpu[2], cpu[3])
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(x, scale, zero_point, self.ch_axis, qmin, qmax)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)

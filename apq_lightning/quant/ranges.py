@@ -1,4 +1,4 @@
-"""Range calibration: choose the quantization range ``v`` of a tensor (DESIGN.md §5).
+"""Range calibration: choose the quantization range ``v`` of a tensor (docs/design.md §7.2).
 
 KL method (TensorRT-style, as in APQ)
 -------------------------------------

@@ -1,6 +1,6 @@
 """A subnet's bit policy on an extracted subnet (:class:`~apq_lightning.layers.SubnetModel`).
 
-DESIGN.md §2/§5: every active block carries ``(pw_w, pw_a, dw_w, dw_a)``; both 1x1 convs of a
+docs/design.md §3.1: every active block carries ``(pw_w, pw_a, dw_w, dw_a)``; both 1x1 convs of a
 block take the pw pair, the depthwise conv the dw pair; the stem, the fixed first block, the
 head conv and the classifier stay at ``space.fixed_bits`` (8) unless configured. Which layer
 takes which bits, and whether its input is signed, comes from :mod:`apq_lightning.layout`
@@ -37,7 +37,8 @@ from apq_lightning.layout import BLOCK_CONVS, FIXED_LAYERS, block_policy
 from apq_lightning.space import SearchSpace, Subnet, get_space
 
 from .bits import SUPPORTED_BITS, CalibrationMethod, check_method, validate_bits
-from .layers import calibrate, quantizable_layers, quantize_modules
+from .calibration import calibrate
+from .layers import quantizable_layers, quantize_modules
 from .quantizers import LinearQuantizer
 
 __all__ = [

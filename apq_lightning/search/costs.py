@@ -4,7 +4,7 @@
 (validation, the ``source`` strings, six channels) make it ~0.4 ms a call, several times per
 generation. The search needs less: every cost model of the project is *additive* -- a fixed
 part plus, per active block, a price of its 1x1 convs at ``(width, pw_w, pw_a)`` and of its
-depthwise conv at ``(kernel, width, dw_w, dw_a)`` (DESIGN.md §6). :class:`FastCost` measures
+depthwise conv at ``(kernel, width, dw_w, dw_a)`` (docs/design.md §8.5). :class:`FastCost` measures
 those two tables per block **through the model's public** ``evaluate`` (probe genomes that
 differ from a reference in one block only), checks the result against ``evaluate`` on random
 genomes, and from then on prices a population with one gather-and-sum per metric. If a model is not

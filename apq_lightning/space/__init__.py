@@ -1,6 +1,6 @@
 """The APQ search space: architectures, fine-grained widths and per-block bit policies.
 
-This package knows nothing of torch modules (DESIGN.md §7): it describes *which* networks
+This package knows nothing of torch modules (docs/design.md §14.2): it describes *which* networks
 exist (``SearchSpace``), names one of them (``Subnet``), validates and canonicalises it,
 converts it to and from JSON / the APQ reference spec format, and codes it as an integer
 genome for vectorised search and cost evaluation. Everything public is importable from

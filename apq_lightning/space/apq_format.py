@@ -91,9 +91,9 @@ def make_divisible(value: float, divisor: int = 8) -> int:
 
     Nearest multiple of ``divisor`` (halves round up), at least ``divisor``, and one step up
     where rounding down lost more than 10 % of the value. Written here rather than imported
-    from ``timm.layers.make_divisible`` (DESIGN §2 names it) because timm imports torch and
-    this package must stay torch-free (the ``cost`` command parses APQ specs); a test checks
-    that both agree on many values.
+    from ``timm.layers.make_divisible`` (the same rule, docs/design.md §2.4) because timm
+    imports torch and this package must stay torch-free (the ``cost`` command parses APQ
+    specs); a test checks that both agree on many values.
     """
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded

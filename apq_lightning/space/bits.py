@@ -1,4 +1,4 @@
-"""A bit policy: the bits of the four quantized tensors of every block (DESIGN.md §2).
+"""A bit policy: the bits of the four quantized tensors of every block (docs/design.md §3.1).
 
 A leaf of the package (only the value rules below it): the space builds uniform policies and the
 subnet validates policies against the space, so both import this module and it imports neither.

@@ -53,7 +53,7 @@ def conv_out_size(size: int, stride: int) -> int:
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """A MobileNetV2-style space of elastic MBConv blocks (DESIGN.md §2).
+    """A MobileNetV2-style space of elastic MBConv blocks (docs/design.md §2).
 
     The defaults of the elastic dimensions are APQ's; presets only change the macro layout.
     """

@@ -27,7 +27,7 @@ mean/std), ``transfer_study.md`` (mean ± std pairwise accuracy over seeds), ``t
 
 Bad input (a size that is neither a positive integer nor ``all``, an unknown loss, stores that
 match no file, a store too small to split, ...) is one line on stderr and exit code 2, before
-any training. Nothing in the package imports this one but the command line (DESIGN.md §7: the
+any training. Nothing in the package imports this one but the command line (docs/design.md §14.2: the
 study sits above data, modules and predictor); torch and Lightning are imported only when a
 study runs, so ``--help`` is quick.
 """

@@ -19,7 +19,7 @@ class FPCollectionModule(SubnetCollectionModule):
             inside the supernet (no copy; the supernet's BN buffers are overwritten by every
             sample's re-calibration). Same accuracy; the static copy measured ~1.4x faster on
             CPU (the dynamic ops slice weights and transform kernels at every call), see
-            ``benchmarks/collect_fp.py``.
+            ``benchmarks/collection_cost.py``.
     """
 
     KINDS = ("fp",)

@@ -16,9 +16,9 @@ machine noise hits both alike.
 Wall-clock time on a shared machine is noise; CPU time (``time.process_time``) is printed beside
 it: on an idle machine with T threads, wall ≈ CPU / T.
 
-    python benchmarks/collect_fp.py --archive PATH/cifar10-jpeg.tar.gz \
+    python benchmarks/collection_cost.py --archive PATH/cifar10-jpeg.tar.gz \
         [--ckpt runs/supernet_cifar/checkpoints/last.ckpt] [--threads 1]
-    APQ_CIFAR_ARCHIVE=PATH python benchmarks/collect_fp.py --fp-samples 10 --mp-samples 4 --bit-study 4
+    APQ_CIFAR_ARCHIVE=PATH python benchmarks/collection_cost.py --fp-samples 10 --mp-samples 4 --bit-study 4
 """
 
 from __future__ import annotations
