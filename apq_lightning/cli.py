@@ -138,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "search":
         from apq_lightning.search import command as search_command
 
-        search_main = getattr(search_command, "search_main", None) or search_command.main
-        return search_main(args[1:])
+        return search_command.main(args[1:])
     if command == "export-supernet":
         return export_supernet_main(args[1:])
     if command == "import-supernet":

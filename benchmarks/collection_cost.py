@@ -37,8 +37,9 @@ import lightning as L
 import torch
 import yaml
 
-from apq_lightning.collection import SampleRecord, SampleWriter, measure_fp, read_samples, top1
+from apq_lightning.collection import SampleRecord, SampleWriter, measure_fp, read_samples
 from apq_lightning.data import SampleIndexDataModule
+from apq_lightning.metrics import top1
 from apq_lightning.modules import FPCollectionModule, MPCollectionModule
 
 ROOT = Path(__file__).resolve().parents[1]

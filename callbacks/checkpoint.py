@@ -10,13 +10,21 @@ newest file). The two callbacks here fix both:
   keep a monitored ``ModelCheckpoint`` (without ``save_last``) beside it for the best model.
 * :class:`ProgressExceptionCheckpoint` writes ``on_exception.ckpt`` only when the run has
   trained steps since it started or last saved, so a crash at start-up never replaces progress.
+
+:class:`LastCheckpoint` also stores the random generators' states in every checkpoint and
+restores them when a fit resumes from one: the batches the resumed epochs draw (their order,
+augmentation, dropout) are then those of the uninterrupted run, so a run killed and resumed
+ends with the same weights (tested on the whole pipeline, tests/test_pipeline_kill.py).
 """
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -44,6 +52,40 @@ class LastCheckpoint(ModelCheckpoint):
     def state_key(self) -> str:
         # Distinct from a monitored ModelCheckpoint in the same trainer (both are restored).
         return f"LastCheckpoint{{dirpath={self.dirpath!r}}}"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "rng": rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning calls this when a fit resumes (before the first batch is drawn)."""
+        state = dict(state_dict)
+        rng = state.pop("rng", None)
+        super().load_state_dict(state)
+        if rng is not None:
+            set_rng_states(rng)
+
+
+def rng_states() -> dict[str, Any]:
+    """The states of Python's, NumPy's and torch's generators, in types ``weights_only`` loads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    states: dict[str, Any] = {"python": [version, list(internal), gauss_next], "torch": torch.get_rng_state(),
+                              "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss]}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Undo :func:`rng_states`' conversions and set every generator (CUDA's when it has as many devices)."""
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 class ProgressExceptionCheckpoint(OnExceptionCheckpoint):

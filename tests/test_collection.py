@@ -378,7 +378,7 @@ def test_fp_measurement_in_the_supernet_equals_the_extracted_copy(tiny_ckpt: Pat
 
 
 def test_top1_counts_argmax_hits_restores_the_mode_and_refuses_no_images():
-    from apq_lightning.collection import top1
+    from apq_lightning.metrics import top1
 
     model = torch.nn.Flatten()  # logits = the three channels of a 1x1 image
     x = torch.tensor([[3.0, 1, 0], [0, 2, 1], [0, 1, 5], [4, 0, 0]]).reshape(4, 3, 1, 1)

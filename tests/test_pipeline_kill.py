@@ -37,11 +37,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = dict(
-    name="kill", budgets=(0.6,), fp_samples=60, mp_samples=24, generations=20, baseline_bits="8",
+    name="kill", budgets=(0.6,), fp_samples=40, mp_samples=16, generations=10, baseline_bits="8",
     overrides={"predictor_fp": ("--trainer.max_epochs", "10"),
                "predictor_mp": ("--trainer.max_epochs", "10", "--data.init_args.val_fraction", "0.3"),
-               "collect_mp": ("--model.init_args.qat_steps", "5"),
-               "finetune": ("--trainer.max_epochs", "2")},
+               "collect_mp": ("--model.init_args.qat_steps", "2", "--model.init_args.qat_batch_size", "32",
+                              "--model.init_args.method", "minmax", "--model.init_args.calib_batches", "1"),
+               "finetune": ("--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6",
+                            "--model.init_args.calib_batches", "1", "--model.init_args.bn_calib_batches", "1")},
     transfer_sizes="8,all", transfer_seeds="0", transfer_epochs=10,
 )
 LAUNCHER = f"""

@@ -7,7 +7,8 @@
   supernets, spaces or measurements);
 * :mod:`~apq_lightning.collection.sampling` -- index -> subnet (and policy), a pure function of
   ``(seed, index)``;
-* :mod:`~apq_lightning.collection.measure` -- cached images, top-1, the FP measurement;
+* :mod:`~apq_lightning.collection.measure` -- cached images and the FP measurement (top-1 is
+  :func:`apq_lightning.metrics.top1`);
 * :class:`SampleWriter` -- the prediction writer: each record goes to disk as soon as it is
   measured.
 
@@ -19,7 +20,7 @@ measure (``FPCollectionModule``, ``MPCollectionModule``) live in :mod:`apq_light
 (they reuse QAT's loss); see ``docs/collection.md``.
 """
 
-from apq_lightning.collection.measure import FP_MODES, cache_batches, measure_fp, top1
+from apq_lightning.collection.measure import FP_MODES, cache_batches, measure_fp
 from apq_lightning.collection.reading import (
     SameOrigin,
     StoreCursor,
@@ -72,5 +73,4 @@ __all__ = [
     "store_files",
     "store_path",
     "summarize",
-    "top1",
 ]

@@ -23,11 +23,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from apq_lightning.metrics import top1  # re-exported: ``apq_lightning.collection.top1``
+from apq_lightning.metrics import top1
 from apq_lightning.space import Subnet
 from apq_lightning.supernet import Supernet, recalibrate_bn
 
-__all__ = ["FPMode", "FP_MODES", "cache_batches", "measure_fp", "top1"]
+__all__ = ["FPMode", "FP_MODES", "cache_batches", "measure_fp"]
 
 FPMode = Literal["inplace", "extract"]
 FP_MODES: tuple[str, ...] = ("inplace", "extract")

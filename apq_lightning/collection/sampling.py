@@ -95,6 +95,24 @@ def mp_kind(index: int, sampling: MPSampling) -> str:
     return "mp_arch_policies" if math.floor((g + 1) * f + 1e-9) > math.floor(g * f + 1e-9) else "mp_random"
 
 
+def _group_policy(sp: SearchSpace, seed: int, index: int, kind: str, sampling: MPSampling) -> Any:
+    """``index``'s policy from its own generator; within an ``mp_arch_policies`` group, redrawn
+    until it differs from the policies of the group's earlier indices (a 'spread' draw repeats a
+    uniform policy often, and the same architecture under the same policy twice would be a
+    wasted measurement). Still a pure function of ``(seed, index)``."""
+    first = index - index % sampling.policies_per_arch if kind == "mp_arch_policies" else index
+    taken: list[Any] = []
+    for i in range(first, index + 1):
+        rng = index_rng(seed, i, stream=2)
+        policy = sample_policy(sp, rng, sampling.policy_sampler)
+        for _ in range(100):
+            if policy not in taken:
+                break
+            policy = sample_policy(sp, rng, sampling.policy_sampler)
+        taken.append(policy)
+    return taken[-1]
+
+
 def mp_subnet(space: str | SearchSpace, seed: int, index: int, sampling: MPSampling) -> tuple[str, Subnet]:
     """Stage 4: ``(kind, quantized subnet)`` for ``index``."""
     sp = get_space(space)
@@ -107,7 +125,7 @@ def mp_subnet(space: str | SearchSpace, seed: int, index: int, sampling: MPSampl
         genome = np.concatenate([arch[: bits.start], genome[bits]])
     subnet = sp.from_genome(genome, quantized=True)
     if sampling.policy_sampler != "independent":  # the genome's bit genes are APQ's independent draw
-        subnet = subnet.with_bits(sample_policy(sp, index_rng(seed, index, stream=2), sampling.policy_sampler))
+        subnet = subnet.with_bits(_group_policy(sp, seed, index, kind, sampling))
     if sampling.uniform_bits is not None:
         if sampling.uniform_bits not in sp.bit_choices:
             raise ValueError(

@@ -37,7 +37,6 @@ from typing import Any, BinaryIO, Literal
 
 from apq_lightning.collection.reading import read_from, read_samples
 from apq_lightning.collection.record import (
-    MP_KINDS,  # noqa: F401 -- until modules/collection/mp.py imports it from record
     SampleRecord,
     TornLineWarning,
     is_torn,

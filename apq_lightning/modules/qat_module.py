@@ -296,6 +296,9 @@ class QATModule(DistilledTraining):
             "subnet": self.subnet.to_dict(),
             "fixed_bits": self.fixed_bits,
             "metrics": dict(self.prep_metrics),
+            # A resumed run skips prepare(), which made the teacher (the float copy after BN
+            # re-calibration, or the largest subnet re-calibrated): it comes from here instead.
+            "teacher": None if self.teacher is None else self.teacher.state_dict(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -311,6 +314,10 @@ class QATModule(DistilledTraining):
         self.prepared = bool(state.get("prepared", False))
         self.prep_metrics = dict(state.get("metrics", {}))
         self._prep_logged = True  # already logged by the run that measured them
+        if self.prepared and state.get("teacher") is not None:
+            teacher = self.teacher if self.teacher is not None else clone_float(self.model)
+            teacher.load_state_dict(state["teacher"])
+            self.set_teacher(teacher)
 
     def save_quantized(self, path: str | Path) -> Path:
         """Write the quantized model (state dict + subnet JSON + quantization metadata)."""

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 
 from apq_lightning.collection.measure import cache_batches
-from apq_lightning.collection.store import SampleRecord
+from apq_lightning.collection.record import SampleRecord
 from apq_lightning.modules.collection.loading import load_collection_supernet
 from apq_lightning.space import Subnet
 

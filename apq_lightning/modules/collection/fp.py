@@ -6,8 +6,8 @@ import time
 from typing import Any
 
 from apq_lightning.collection.measure import FP_MODES, FPMode, measure_fp
+from apq_lightning.collection.record import SampleRecord
 from apq_lightning.collection.sampling import fp_subnet
-from apq_lightning.collection.store import SampleRecord
 from apq_lightning.modules.collection.base import SubnetCollectionModule
 
 

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from apq_lightning.collection.measure import top1
+from apq_lightning.collection.record import MP_KINDS, SampleRecord
 from apq_lightning.collection.sampling import MPSampling, arch_index, mp_subnet, qat_seed
-from apq_lightning.collection.store import MP_KINDS, SampleRecord
+from apq_lightning.metrics import top1
 from apq_lightning.modules.collection.base import CL, ImageSets, SubnetCollectionModule, check_count
 from apq_lightning.modules.collection.qat import ShortQAT, short_qat
 from apq_lightning.quant import check_method, quantize_subnet
