@@ -517,10 +517,43 @@ def _subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
 
 
+@pytest.fixture(scope="module")
+def tiny_qfa_ckpt(tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``tiny_ckpt`` as a quantized-for-all supernet file (batch-range quantizers, running ranges
+    from a few training-mode batches): what a supernet with a quant phase exports."""
+    from apq_lightning.quant.supernet import quantize_supernet
+    from apq_lightning.supernet_io import load_supernet, save_supernet_weights
+
+    net = quantize_supernet(load_supernet(str(tiny_ckpt)), ranges="batch").train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _ in range(3):
+            net.set_active(get_space("tiny").sample(0, quantized=True))
+            net(torch.randn(16, 3, 16, 16))
+    return save_supernet_weights(net, tmp_path_factory.mktemp("qfa") / "tiny_qfa.pt", torch.float32)
+
+
+def test_qfa_protocol_scores_inside_the_supernet_and_needs_a_quant_phase(tiny_ckpt, tiny_qfa_ckpt, tmp_path, capsys):
+    out = tmp_path / "mp"
+    _collect(*_cli_args("collect_mp_tiny.yaml", tiny_qfa_ckpt, out, 4, "--model.init_args.protocol", "qfa"))
+    recs = read_samples(out)
+    assert [r.index for r in recs] == [0, 1, 2, 3] and all(r.protocol["protocol"] == "qfa" for r in recs)
+    sampling = MPSampling(**recs[0].protocol["sampling"])
+    assert sampling.policy_sampler == "spread"
+    assert all(r.timing["qat_s"] == 0 and r.to_subnet() == mp_subnet("tiny", 0, r.index, sampling)[1] for r in recs)
+    code, err = run_cli(_cli_args("collect_mp_tiny.yaml", tiny_ckpt, tmp_path / "x", 2, "--model.init_args.protocol",
+                                  "qfa"), capsys)
+    assert_one_line(code, err, "protocol qfa needs a quantized-for-all supernet")
+
+
 @pytest.mark.slow
-def test_kill_9_then_rerun_loses_and_duplicates_nothing(tiny_ckpt: Path, tmp_path: Path):
-    out, n = tmp_path / "fp", 10
-    cmd = [sys.executable, "-m", "apq_lightning.cli", *_cli_args("collect_fp_tiny.yaml", tiny_ckpt, out, n)]
+@pytest.mark.parametrize("kind", ["fp", "mp_qfa"])
+def test_kill_9_then_rerun_loses_and_duplicates_nothing(tiny_ckpt: Path, tiny_qfa_ckpt: Path, tmp_path: Path,
+                                                        kind: str):
+    out, n = tmp_path / kind, 10
+    args = (_cli_args("collect_fp_tiny.yaml", tiny_ckpt, out, n) if kind == "fp" else
+            _cli_args("collect_mp_tiny.yaml", tiny_qfa_ckpt, out, n, "--model.init_args.protocol", "qfa"))
+    cmd = [sys.executable, "-m", "apq_lightning.cli", *args]
     store = out / "samples.rank0.jsonl"
     rng = random.Random()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -544,7 +577,11 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(tiny_ckpt: Path, tmp_pat
     recs = read_samples(out)
     indices = [r.index for r in recs]
     assert sorted(indices) == list(range(n)), indices
-    assert all(r.to_subnet() == fp_subnet("tiny", 0, r.index) for r in recs)
+    if kind == "fp":
+        assert all(r.to_subnet() == fp_subnet("tiny", 0, r.index) for r in recs)
+    else:
+        sampling = MPSampling(**recs[0].protocol["sampling"])
+        assert all(r.to_subnet() == mp_subnet("tiny", 0, r.index, sampling)[1] for r in recs)
 
 
 @pytest.mark.slow
