@@ -51,6 +51,26 @@ class Encoder:
     def dims(self, quantized: bool = True) -> int:
         return self.dim if quantized else self.fp_dim
 
+    def bit_deficits(self) -> np.ndarray:
+        """``(quant_dim, 4·B)`` float32 map from the bit one-hots to each tensor's bit *deficit*
+        ``(max - bits) / (max - min)``: 0 at the largest choice (and for a skipped block), 1 at
+        the smallest; column ``p·B + b`` is part ``p`` (pw_w, pw_a, dw_w, dw_a) of block ``b``.
+
+        Numeric bit features a linear layer can *order* (one-hots leave 4 < 6 < 8 to be learnt
+        from data), kept a matrix so that they stay a linear function of the encoding: the
+        search's pre-summed rows fold them in (:mod:`apq_lightning.mlp_scorer`).
+        """
+        sp = self.space
+        sl = sp.genome_slices()
+        out = np.zeros((self.quant_dim, len(BIT_FIELDS) * sp.num_blocks), dtype=np.float32)
+        for p, name in enumerate(BIT_FIELDS):
+            for b in range(sp.num_blocks):
+                choices = np.asarray(sp.gene_choices[sl[name].start + b], dtype=np.float64)
+                span = choices.max() - choices.min()
+                start = self.offsets[2 + p, b] - self.fp_dim
+                out[start: start + len(choices), p * sp.num_blocks + b] = (choices.max() - choices) / (span or 1.0)
+        return out
+
     # ---- genomes -----------------------------------------------------------------------
     def feature_indices(self, genomes: np.ndarray, quantized: bool = True) -> np.ndarray:
         """Columns of the ones, ``(N, P·B)`` int64; a skipped block's entries are ``dims()``.

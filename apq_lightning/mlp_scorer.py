@@ -1,12 +1,16 @@
 """The accuracy predictor's MLP on integer genomes, without building the one-hot input.
 
 Any module of the predictor's attribute contract (``layers[i][0]`` Linear + ReLU,
-``quantize_fc`` for the MP input head, ``regressor``) qualifies. Its first layer on a one-hot
-vector is a sum of weight rows. Rows are pre-summed per block choice -- ``W[kernel] +
-W[width]`` for the FP head and ``W[pw_w] + W[pw_a] + W[dw_w] + W[dw_a]`` for the quantization
-head -- so a genome needs one row per block and head (21 + 21 on ``apq_imagenet`` instead of a
-100x772 @ 772x400 product), gathered and summed by ``embedding_bag``. The 400x400 layers stay
-dense. Outputs equal the module's forward on ``encode_genomes`` to float32 rounding (tested).
+``quantize_fc`` for the MP input head, ``regressor``, optionally ``bit_head``) qualifies. Its
+first layer on a one-hot vector is a sum of weight rows. Rows are pre-summed per block choice --
+``W[kernel] + W[width]`` for the FP head and ``W[pw_w] + W[pw_a] + W[dw_w] + W[dw_a]`` for the
+quantization head -- so a genome needs one row per block and head (21 + 21 on ``apq_imagenet``
+instead of a 100x772 @ 772x400 product), gathered and summed by ``embedding_bag``. The 400x400
+layers stay dense. Numeric bit features (:meth:`~apq_lightning.encoding.Encoder.bit_deficits`,
+a linear map ``D`` of the one-hots) fold into the same rows: a ``quantize_fc`` on ``[x_q, D·x_q]``
+is ``Wq_onehot + Wq_numeric·D`` on the one-hots, and a linear ``bit_head`` on ``D·x_q`` is one
+pre-summed scalar per block choice, added to the output. Outputs equal the module's forward on
+``encode_genomes`` to float32 rounding (tested).
 
 One implementation for both users: the search scores every generation with it
 (:mod:`apq_lightning.search.scorer`), and ``AccuracyPredictor.predict`` scores populations
@@ -63,15 +67,9 @@ class MLPScorer:
             w1 = first.weight.detach().float().cpu().T  # (fp_dim, H)
             self._fp_rows, self._fp_off = _block_rows(w1, enc.offsets[:2], sp, ("kernels", "widths"))
             self._b1 = first.bias.detach().float().cpu().clone()
+            self._q_rows = self._h_rows = None
             if self.quantized:
-                q = _linear(predictor.quantize_fc, "quantize_fc")
-                if q.in_features != enc.quant_dim:
-                    raise ValueError(f"predictor's quantize_fc takes {q.in_features} inputs, space {sp.name!r} "
-                                     f"has {enc.quant_dim} quantization features")
-                wq = q.weight.detach().float().cpu().T
-                self._q_rows, self._q_off = _block_rows(wq, enc.offsets[2:] - enc.fp_dim, sp,
-                                                        ("pw_w", "pw_a", "dw_w", "dw_a"))
-                self._bq = q.bias.detach().float().cpu().clone()
+                self._bit_tables(predictor, enc, sp)
             self._hidden = [(layer[0].weight.detach().float().cpu().T.contiguous(),
                              layer[0].bias.detach().float().cpu().clone()) for layer in list(predictor.layers)[1:]]
             reg = predictor.regressor
@@ -96,7 +94,7 @@ class MLPScorer:
         if self.quantized:
             nb = self._nb
             a, b, c, d = (g[:, s] for s in self._q_genes)
-            q = np.where(active, self._q_off + ((a * nb + b) * nb + c) * nb + d, len(self._q_rows) - 1)
+            q = np.where(active, self._q_off + ((a * nb + b) * nb + c) * nb + d, self._q_zero)
         return fp, q
 
     def __call__(self, genomes: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
@@ -118,13 +116,48 @@ class MLPScorer:
         with torch.no_grad():
             h = F.embedding_bag(torch.from_numpy(fp.reshape(-1)), self._fp_rows, offsets, mode="sum")
             h = torch.relu_(h.add_(self._b1))
-            if q is not None:
-                hq = F.embedding_bag(torch.from_numpy(q.reshape(-1)), self._q_rows, offsets, mode="sum")
+            q_idx = torch.from_numpy(q.reshape(-1)) if q is not None else None
+            if q_idx is not None and self._q_rows is not None:
+                hq = F.embedding_bag(q_idx, self._q_rows, offsets, mode="sum")
                 h.add_(hq).add_(self._bq)
             for w, b in self._hidden:
                 h = torch.relu_(torch.addmm(b, h, w))
             out = torch.addmm(self._br, h, self._wr)
+            if q_idx is not None and self._h_rows is not None:
+                out.add_(F.embedding_bag(q_idx, self._h_rows, offsets, mode="sum")).add_(self._bh)
         return out[:, 0].double().numpy()
+
+    def _bit_tables(self, predictor: Any, enc: Any, sp: SearchSpace) -> None:
+        """Pre-summed rows of the bit part: ``quantize_fc`` (one-hots, or one-hots + deficits
+        folded into one-hot rows) and/or a linear ``bit_head`` on the deficits (one scalar per
+        block choice). Both tables share the row indices of :meth:`rows`."""
+        parts = ("pw_w", "pw_a", "dw_w", "dw_a")
+        deficits = torch.from_numpy(enc.bit_deficits())  # (quant_dim, 4·B)
+        q, head = getattr(predictor, "quantize_fc", None), getattr(predictor, "bit_head", None)
+        if q is None and head is None:
+            raise ValueError("predictor: an MP predictor needs quantize_fc or bit_head")
+        tables = []
+        if q is not None:
+            q = _linear(q, "quantize_fc")
+            wq = q.weight.detach().float().cpu().T  # (in, H)
+            if q.in_features == enc.quant_dim + deficits.shape[1]:
+                wq = wq[: enc.quant_dim] + deficits @ wq[enc.quant_dim:]
+            elif q.in_features != enc.quant_dim:
+                raise ValueError(f"predictor's quantize_fc takes {q.in_features} inputs, space {sp.name!r} "
+                                 f"has {enc.quant_dim} quantization features (+ {deficits.shape[1]} numeric)")
+            self._q_rows, self._q_off = _block_rows(wq, enc.offsets[2:] - enc.fp_dim, sp, parts)
+            self._bq = q.bias.detach().float().cpu().clone()
+            tables.append(self._q_rows)
+        if head is not None:
+            head = _linear(head, "bit_head")
+            if head.in_features != deficits.shape[1] or head.out_features != 1:
+                raise ValueError(f"predictor's bit_head maps {head.in_features} -> {head.out_features}, space "
+                                 f"{sp.name!r} needs {deficits.shape[1]} -> 1")
+            wh = deficits @ head.weight.detach().float().cpu().T  # (quant_dim, 1)
+            self._h_rows, self._q_off = _block_rows(wh, enc.offsets[2:] - enc.fp_dim, sp, parts)
+            self._bh = head.bias.detach().float().cpu().clone()
+            tables.append(self._h_rows)
+        self._q_zero = len(tables[0]) - 1
 
 
 def _block_rows(w: torch.Tensor, offsets: np.ndarray, sp: SearchSpace,

@@ -4,9 +4,20 @@ Two flavours share one class:
 
 * **FP predictor** (``quantized=False``): features are the FP part of the encoding
   (kernels + widths); ``h1 = ReLU(W1·x_fp + b1)``.
-* **MP predictor** (``quantized=True``): the FP network plus an input head for the bit part,
-  ``h1 = ReLU(W1·x_fp + b1) + (Wq·x_q + bq)``, so that an FP predictor's weights transfer into it
-  unchanged (:meth:`AccuracyPredictor.transfer_from`).
+* **MP predictor** (``quantized=True``): the FP network plus a part for the bits, so that an FP
+  predictor's weights transfer into it unchanged (:meth:`AccuracyPredictor.transfer_from`). How
+  the bits enter is ``bit_features`` (:data:`BIT_FEATURES`):
+
+  - ``onehot`` (APQ): an input head on the bit one-hots, ``h1 = ReLU(W1·x_fp + b1) + (Wq·x_q + bq)``;
+  - ``onehot+numeric``: the same head on the one-hots and each tensor's numeric bit deficit
+    ``d = D·x_q`` (:meth:`~apq_lightning.encoding.Encoder.bit_deficits`), ``Wq·[x_q, d] + bq``;
+  - ``head``: the FP network's prediction plus a linear bit correction,
+    ``acc = FP(x_fp) + wb·d + bb`` (``bit_head``): an 8-bit policy scores as its float
+    architecture, every tensor below 8 bits moves it by its own weight. Started from an FP
+    predictor, training it fits 4·B + 1 numbers, which ~100 noisy MP samples can pin down.
+
+  The numeric features are a fixed linear map of the one-hots, so the dense input stays the
+  encoding and the search's scorer folds them into its pre-summed rows.
 
 The attribute names (``layers.{i}.0``, ``quantize_fc``, ``regressor``) are those of the APQ
 reference's state dicts: :meth:`AccuracyPredictor.from_apq_checkpoint` loads its predictors, and
@@ -41,6 +52,9 @@ from apq_lightning.torch_io import read_torch_file
 FORMAT = "apq_lightning.predictor/1"
 """``format`` entry of the files written by :meth:`AccuracyPredictor.save`."""
 
+BIT_FEATURES: tuple[str, ...] = ("onehot", "onehot+numeric", "head")
+"""How an MP predictor reads the bits (module docstring); files without the entry are ``onehot``."""
+
 PREDICT_CHUNK = 16384
 """Rows per forward pass in :meth:`AccuracyPredictor.predict` (bounds memory for big populations)."""
 
@@ -58,18 +72,24 @@ class AccuracyPredictor(nn.Module):
         base_acc: initial bias of the regressor, normally the mean training accuracy, so the
             untrained network starts at the mean instead of 0 and training spends its first
             steps on ranking rather than on the offset.
+        bit_features: how an MP predictor reads the bits, one of :data:`BIT_FEATURES` (``onehot``
+            is the APQ reference's layout); an FP predictor has no bit part and ignores it.
     """
 
     def __init__(
-        self, space: str, quantized: bool, hidden: int = 400, num_layers: int = 3, base_acc: float = 0.0
+        self, space: str, quantized: bool, hidden: int = 400, num_layers: int = 3, base_acc: float = 0.0,
+        bit_features: str = "onehot",
     ) -> None:
         super().__init__()
         if hidden < 1 or num_layers < 1:
             raise ValueError(f"hidden and num_layers must be >= 1, got hidden={hidden}, num_layers={num_layers}")
+        if bit_features not in BIT_FEATURES:
+            raise ValueError(f"bit_features={bit_features!r} is not allowed; allowed: {', '.join(BIT_FEATURES)}")
         self.space: str = get_space(space).name
         self.quantized = bool(quantized)
         self.hidden = int(hidden)
         self.num_layers = int(num_layers)
+        self.bit_features = bit_features
         self.encoder: Encoder = get_encoder(self.space)
         fp_dim = self.encoder.fp_dim
         self.layers = nn.Sequential(
@@ -78,8 +98,14 @@ class AccuracyPredictor(nn.Module):
                 for i in range(num_layers)
             ]
         )
-        if self.quantized:
-            self.quantize_fc = nn.Linear(self.encoder.quant_dim, hidden)
+        deficits = torch.from_numpy(self.encoder.bit_deficits())
+        if self.quantized and bit_features == "head":
+            self.bit_head = nn.Linear(deficits.shape[1], 1)
+        elif self.quantized:
+            extra = deficits.shape[1] if bit_features == "onehot+numeric" else 0
+            self.quantize_fc = nn.Linear(self.encoder.quant_dim + extra, hidden)
+        if self.quantized and bit_features != "onehot":  # not in the state dict: a function of the space
+            self.register_buffer("deficits", deficits, persistent=False)
         self.regressor = nn.Linear(hidden, 1)
         with torch.no_grad():
             self.regressor.bias.fill_(float(base_acc))
@@ -91,7 +117,18 @@ class AccuracyPredictor(nn.Module):
         return self.encoder.dims(self.quantized)
 
     def extra_repr(self) -> str:
-        return f"space={self.space!r}, quantized={self.quantized}, in_features={self.in_features}"
+        bits = f", bit_features={self.bit_features!r}" if self.quantized else ""
+        return f"space={self.space!r}, quantized={self.quantized}, in_features={self.in_features}{bits}"
+
+    def output_layers(self) -> list[nn.Linear]:
+        """The layers whose outputs are accuracies (the regressor, and the bit head when there
+        is one): the training standardises targets through them (``PredictorModule``)."""
+        return [self.regressor] + ([self.bit_head] if hasattr(self, "bit_head") else [])
+
+    def bit_layers(self) -> list[nn.Linear]:
+        """The layers that read the bits (``quantize_fc`` or ``bit_head``; none in an FP predictor):
+        what :meth:`transfer_from` starts at zero."""
+        return [m for m in (getattr(self, "quantize_fc", None), getattr(self, "bit_head", None)) if m is not None]
 
     # ---- dense forward (training) ------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -114,13 +151,17 @@ class AccuracyPredictor(nn.Module):
         return self._tail(h, x[:, enc.fp_dim :] if self.quantized else None)
 
     def _tail(self, h_fp: torch.Tensor, x_q: torch.Tensor | None) -> torch.Tensor:
-        """Everything after the first linear map: ReLU, the bit head, hidden layers, regressor."""
+        """Everything after the first linear map: ReLU, the bit part, hidden layers, regressor."""
         h = self.layers[0][1](h_fp)
-        if x_q is not None:
-            h = h + self.quantize_fc(x_q)
+        features = self.bit_features
+        if x_q is not None and features != "head":
+            h = h + self.quantize_fc(x_q if features == "onehot" else torch.cat([x_q, x_q @ self.deficits], dim=1))
         for layer in self.layers[1:]:
             h = layer(h)
-        return self.regressor(h).squeeze(-1)
+        out = self.regressor(h).squeeze(-1)
+        if x_q is not None and features == "head":
+            out = out + self.bit_head(x_q @ self.deficits).squeeze(-1)
+        return out
 
     # ---- populations (search) ----------------------------------------------------------
     @torch.no_grad()
@@ -172,12 +213,13 @@ class AccuracyPredictor(nn.Module):
     def transfer_from(self, fp: AccuracyPredictor | str | Path) -> AccuracyPredictor:
         """Start this MP predictor from an FP predictor (docs/design.md §6.2; APQ's predictor transfer).
 
-        Copies every shared weight (``layers.*``, ``regressor.*``) and sets ``quantize_fc`` to
-        **zeros**: the transferred MP predictor then computes exactly the FP predictor's function
-        (``h1 = ReLU(W1·x_fp + b1) + 0``), so training starts from the FP ranking instead of from
-        the noise a random ``Wq·x_q`` would add to every hidden unit. Zero is no symmetry trap
-        here: ``quantize_fc``'s gradient is ``dL/dh1 · x_q``, which differs per unit because the
-        transferred layers above differ per unit.
+        Copies every shared weight (``layers.*``, ``regressor.*``) and sets the bit part
+        (``quantize_fc`` or ``bit_head``) to **zeros**: the transferred MP predictor then computes
+        exactly the FP predictor's function (``h1 = ReLU(W1·x_fp + b1) + 0``), so training starts
+        from the FP ranking instead of from the noise a random ``Wq·x_q`` would add to every
+        hidden unit. Zero is no symmetry trap here: ``quantize_fc``'s gradient is
+        ``dL/dh1 · x_q``, which differs per unit because the transferred layers above differ per
+        unit (``bit_head`` is linear: its gradient is the residual times the deficits).
 
         ``fp`` is an FP :class:`AccuracyPredictor` or a checkpoint path (:meth:`save` file or a
         Lightning checkpoint of ``PredictorModule``). Returns ``self``.
@@ -201,18 +243,20 @@ class AccuracyPredictor(nn.Module):
                 f"transfer_from: the FP predictor{where} reads {src.encoder.fp_dim} FP features, this one "
                 f"{self.encoder.fp_dim}"
             )
-        shared = {k: v for k, v in src.state_dict().items() if not k.startswith("quantize_fc.")}
+        shared = {k: v for k, v in src.state_dict().items() if k.startswith(("layers.", "regressor."))}
         with torch.no_grad():
             own = self.state_dict()
             for k, v in shared.items():
                 own[k].copy_(v)
-            nn.init.zeros_(self.quantize_fc.weight)
-            nn.init.zeros_(self.quantize_fc.bias)
+            for layer in self.bit_layers():
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         return self
 
     # ---- files -------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
-        return {"space": self.space, "quantized": self.quantized, "hidden": self.hidden, "num_layers": self.num_layers}
+        return {"space": self.space, "quantized": self.quantized, "hidden": self.hidden, "num_layers": self.num_layers,
+                "bit_features": self.bit_features}
 
     def save(self, path: str | Path) -> Path:
         """Write a plain dict (format, config, state dict) that loads with ``weights_only=True``."""
@@ -248,7 +292,9 @@ class AccuracyPredictor(nn.Module):
         missing = [k for k in ("space", "quantized") if k not in cfg]
         if missing or not isinstance(state, Mapping):
             raise ValueError(f"{path}: predictor checkpoint lacks {missing or ['state_dict']}")
-        pred = cls(cfg["space"], bool(cfg["quantized"]), int(cfg.get("hidden", 400)), int(cfg.get("num_layers", 3)))
+        # files of before bit_features (and APQ-layout ones) hold the one-hot layout
+        pred = cls(cfg["space"], bool(cfg["quantized"]), int(cfg.get("hidden", 400)), int(cfg.get("num_layers", 3)),
+                   bit_features=str(cfg.get("bit_features") or "onehot"))
         pred._load_checked(state, str(path))
         return pred
 
@@ -286,9 +332,10 @@ class AccuracyPredictor(nn.Module):
         unknown = sorted(set(state) - set(own))
         missing = sorted(set(own) - set(state))
         if unknown or missing:
+            bits = f", bit_features {self.bit_features!r}" if self.quantized else ""
             raise ValueError(
-                f"{source}: state dict does not fit {self._name()} (hidden {self.hidden}, {self.num_layers} layers): "
-                f"unexpected keys {unknown[:6]}, missing keys {missing[:6]}"
+                f"{source}: state dict does not fit {self._name()} (hidden {self.hidden}, {self.num_layers} layers"
+                f"{bits}): unexpected keys {unknown[:6]}, missing keys {missing[:6]}"
             )
         for k, v in state.items():
             if not isinstance(v, torch.Tensor) or tuple(v.shape) != tuple(own[k].shape):

@@ -281,6 +281,7 @@ def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = N
                             str(fp_ckpt), "--ckpt_path", "last", *p.args("predictor_mp")),
                            outputs=(str(mp_ckpt),), inputs=mp_stores))
     study = out / "transfer_study"
+    # The study and the searches are also skipped when their files exist (as before the ledger).
     if not (study / "transfer_study.json").is_file():
         stage(STAGE["5b"], Step(("transfer-study", "--fp-stores", *fp_stores, "--mp-stores", *mp_stores,
                                  "--sizes", p.transfer_sizes, "--seeds", p.transfer_seeds, "--epochs",

@@ -66,6 +66,7 @@ def bench_training(store: Path, space: str, batch_size: int, repeats: int) -> di
 
     from apq_lightning.data import SubnetSampleDataModule
     from apq_lightning.modules import PredictorModule
+    from apq_lightning.modules.predictor_module import APQ_TRAINING  # one-hot bits, Adam: the bare loop's
 
     t0 = time.perf_counter()
     dm = SubnetSampleDataModule([str(store)], quantized=True, space=space, batch_size=batch_size,
@@ -78,7 +79,7 @@ def bench_training(store: Path, space: str, batch_size: int, repeats: int) -> di
     lightning_t, torch_t = [], []
     for _ in range(repeats):  # interleaved, so both see the same machine load
         # Lightning: one epoch, no validation, no logging or checkpoints
-        module = PredictorModule(space=space, quantized=True, base_acc=0.6, cosine=False)
+        module = PredictorModule(space=space, quantized=True, base_acc=0.6, cosine=False, **APQ_TRAINING)
         trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
         t0 = time.perf_counter()
@@ -86,7 +87,7 @@ def bench_training(store: Path, space: str, batch_size: int, repeats: int) -> di
         lightning_t.append(time.perf_counter() - t0)
 
         # bare PyTorch: the same network, optimiser and batch size
-        model = PredictorModule(space=space, quantized=True, base_acc=0.6).predictor
+        model = PredictorModule(space=space, quantized=True, base_acc=0.6, **APQ_TRAINING).predictor
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4)
         t0 = time.perf_counter()
         for idx in torch.randperm(n).split(batch_size):

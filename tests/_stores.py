@@ -26,12 +26,15 @@ def true_accuracy(space: str, genomes: np.ndarray, quantized: bool) -> np.ndarra
 
 
 def write_store(path: Path, space: str, kind: str, n: int, seed: int = 0, supernet_hash: str = "abc123",
-                genomes: np.ndarray | None = None, start_index: int = 0) -> np.ndarray:
-    """``n`` records in the collection's format; returns their genomes."""
+                genomes: np.ndarray | None = None, start_index: int = 0, noise: float = 0.0) -> np.ndarray:
+    """``n`` records in the collection's format; returns their genomes. ``noise``: the std of
+    Gaussian label noise added to the ground truth (a short-QAT store's labels)."""
     sp = get_space(space)
     genomes = sp.sample_genomes(seed, n) if genomes is None else genomes
     quantized = kind != "fp"
     accs = true_accuracy(space, genomes, quantized)
+    if noise:
+        accs = np.clip(accs + np.random.default_rng(seed + 7).normal(0.0, noise, len(accs)), 0.0, 1.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         for i, (g, a) in enumerate(zip(genomes, accs)):

@@ -1,23 +1,17 @@
-"""The whole pipeline under ``kill -9`` (issue 18, item 5): every stage after the supernet.
+"""What the pipeline's kill check (``benchmarks/pipeline_kill.py``, issue 18 item 5) relies on.
 
-A reduced tiny pipeline (:data:`PRESET`: one budget, few samples, short fits) runs twice from
-the same supernet: once uninterrupted (run A), and once (run B) killed -- the driver's whole
-process group, ``SIGKILL`` -- at random moments of randomly chosen later stages, rerun after
-each kill, and finally run to the end. B must end as A did:
-
-* the same results table (every row and value except ``search s``, a wall time);
-* every sample store holds each index exactly once, with A's accuracies (none measured twice);
-* no finished stage redone: once a stage's ``== stage`` line is in the log, no later driver run
-  starts its command again (``stages_done.json`` skips it).
-
-The supernet is a random tiny one, not trained: what is tested is the pipeline's bookkeeping,
-and each stage's resume. The kill moments come from ``APQ_TEST_SEED`` (the ``seed`` fixture),
-so a failure replays with the same seed; docs/testing.md records the last run.
+The check kills the whole tiny pipeline at random moments and compares the end with an
+uninterrupted run; it takes ~10 minutes, so it runs by hand (docs/testing.md has its last
+result). Here, in the suite: a resumed fit draws the batches the uninterrupted one would
+(``LastCheckpoint`` stores and restores the random generators), a resumed QAT finetune keeps its
+distillation teacher, a QAT finetune killed after an epoch ends with the uninterrupted run's
+weights, and the check's own log reading finds a redone stage.
 """
 
 from __future__ import annotations
 
-import json
+import importlib.util
+import io
 import os
 import random
 import signal
@@ -26,170 +20,127 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from apq_lightning.collection import read_samples
-from apq_lightning.stages import PRESETS
-from apq_lightning.supernet import Supernet
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+from apq_lightning.callbacks import LastCheckpoint
+from apq_lightning.modules import QATModule
+from apq_lightning.quant.subnet import clone_float
 
 ROOT = Path(__file__).resolve().parents[1]
-PRESET = dict(
-    name="kill", budgets=(0.6,), fp_samples=40, mp_samples=16, generations=10, baseline_bits="8",
-    overrides={"predictor_fp": ("--trainer.max_epochs", "10"),
-               "predictor_mp": ("--trainer.max_epochs", "10", "--data.init_args.val_fraction", "0.3"),
-               "collect_mp": ("--model.init_args.qat_steps", "2", "--model.init_args.qat_batch_size", "32",
-                              "--model.init_args.method", "minmax", "--model.init_args.calib_batches", "1"),
-               "finetune": ("--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6",
-                            "--model.init_args.calib_batches", "1", "--model.init_args.bn_calib_batches", "1")},
-    transfer_sizes="8,all", transfer_seeds="0", transfer_epochs=10,
-)
-LAUNCHER = f"""
-import dataclasses, sys
-from apq_lightning import stages
-stages.PRESETS["kill"] = dataclasses.replace(stages.PRESETS["tiny"], **{PRESET!r})
-raise SystemExit(stages.main(sys.argv[1:]))
-"""
-KILLS = 4  # kills in as many different stages (of the 8 after the supernet)
 
 
-def _random_supernet(path: Path) -> Path:
-    """A random tiny supernet in the checkpoint layout ``load_supernet`` reads (nothing trained)."""
-    torch.manual_seed(0)
-    net = Supernet("tiny", 10)
-    for m in net.modules():  # residual blocks that are not identities, so subnets differ
-        if isinstance(m, torch.nn.BatchNorm2d):
-            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-    state = {f"supernet.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": {"space": "tiny", "num_classes": 10, "dropout": 0.0}}, path)
-    return path
+def _load_check():
+    spec = importlib.util.spec_from_file_location("pipeline_kill", ROOT / "benchmarks" / "pipeline_kill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-class Driver:
-    """``python -m apq_lightning.stages`` (through the launcher that adds :data:`PRESET`) in its own
-    process group, in a folder of its own (every recipe writes under ``runs/`` there)."""
-
-    def __init__(self, folder: Path, supernet: Path) -> None:
-        self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "launcher.py").write_text(LAUNCHER)
-        self.cmd = [sys.executable, "launcher.py", "--preset", "kill", "--supernet", str(supernet)]
-        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore",
-                    "PYTHONPATH": str(ROOT)}
-        self.out = folder / "runs" / "pipeline_kill"
-        self.log = self.out / "pipeline.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.folder / "driver.out", "a") as fh:
-            self.proc = subprocess.Popen(self.cmd, cwd=self.folder, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
-
-    def finish(self, timeout: float = 900) -> None:
-        self.start()
-        assert self.proc.wait(timeout) == 0, (self.folder / "driver.out").read_text()[-4000:]
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)  # the driver and the stage command it runs
-        assert self.proc.wait(60) == -signal.SIGKILL
-
-    def current(self, stage_of: dict[str, str]) -> str | None:
-        """The stage whose command runs now: the last ``$ apq`` line after the last ``== stage`` line."""
-        if not self.log.is_file():
-            return None
-        current = None
-        for line in self.log.read_text().splitlines():
-            if line.startswith("$ apq "):
-                current = stage_of.get(line, line)
-            elif line.startswith("== stage "):
-                current = None
-        return current
+@pytest.fixture(scope="module")
+def check():
+    return _load_check()
 
 
-def _commands_by_stage(log: Path) -> dict[str, str]:
-    """``$ apq ...`` line -> its stage, from an uninterrupted run's log."""
-    stage_of, pending = {}, []
-    for line in log.read_text().splitlines():
-        if line.startswith("$ apq "):
-            pending.append(line)
-        elif line.startswith("== stage "):
-            name = line[len("== stage "):].rsplit(":", 1)[0]
-            stage_of.update(dict.fromkeys(pending, name))
-            pending = []
-    return stage_of
+@pytest.fixture(scope="module")
+def supernet(tmp_path_factory, check) -> Path:
+    return check.random_supernet(tmp_path_factory.mktemp("supernet") / "tiny.ckpt")
 
 
-def _runs(log: Path) -> list[list[str]]:
-    """The log split at each driver start."""
-    runs: list[list[str]] = []
-    for line in log.read_text().splitlines():
-        if line.startswith("# pipeline run "):
-            runs.append([])
-        elif runs:
-            runs[-1].append(line)
-    return runs
+def _weights_only(obj: object) -> object:
+    """``obj`` after a trip through a checkpoint file, loaded as every loader here loads one."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
 
 
-def _table(out: Path) -> list[dict]:
-    """results.json's rows without the search wall time (the one value a rerun may change)."""
-    rows = json.loads((out / "results.json").read_text())["rows"]
-    return [{k: v for k, v in r.items() if k != "search_s"} for r in rows]
+def _draws() -> tuple:
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist()
 
 
-def test_pipeline_killed_in_later_stages_ends_as_an_uninterrupted_run(tmp_path: Path, seed: int):
-    supernet = _random_supernet(tmp_path / "supernet.ckpt")
-    a, b = Driver(tmp_path / "A", supernet), Driver(tmp_path / "B", supernet)
-    t0 = time.monotonic()
-    a.finish()
-    uninterrupted_s = time.monotonic() - t0
-    stage_of = _commands_by_stage(a.log)
-    seconds = json.loads((a.out / "stage_times.json").read_text())
-    later = list(seconds)  # every stage after the supernet (--supernet: stage 1 is not run), in order
-    assert len(later) == 8 and later[0].startswith("2 ") and later[-1].startswith("baselines"), later
+def test_last_checkpoint_restores_the_random_generators(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    saved = _weights_only(LastCheckpoint(str(tmp_path)).state_dict())
+    expected = _draws()
+    random.seed(2), np.random.seed(2), torch.manual_seed(2)  # a new process: other states
+    assert _draws() != expected
+    resumed = LastCheckpoint(str(tmp_path))
+    resumed.load_state_dict(saved)
+    assert _draws() == expected
+    assert resumed.dirpath == saved["dirpath"]  # ModelCheckpoint's own state is restored as before
+    older = {k: v for k, v in saved.items() if k != "rng"}  # a checkpoint written before the states were
+    LastCheckpoint(str(tmp_path)).load_state_dict(older)
 
-    rng = random.Random(seed)
-    targets = sorted(rng.sample(range(len(later)), KILLS))
-    landed = []
-    for target in targets:
-        b.start()
-        while b.running() and later.index(b.current(stage_of) or later[0]) < target:
-            time.sleep(0.05)
-        while b.running() and b.current(stage_of) is None:  # between two stages: wait for the next
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.1, 0.8) * seconds[later[target]])
-        if not b.running():  # the pipeline ended before this kill: nothing left to kill
-            break
-        landed.append(b.current(stage_of) or "between stages")
-        b.kill()
-    b.finish()
-    total_b_s = time.monotonic() - t0 - uninterrupted_s
-    print(f"uninterrupted {uninterrupted_s:.0f} s; killed run {total_b_s:.0f} s in {len(landed) + 1} driver runs; "
-          f"kills landed in {landed}")
-    assert len({s for s in landed if s in later}) >= KILLS - 1, f"kills landed in {landed} (aimed at {targets})"
 
-    # the same results table
-    assert _table(b.out) == _table(a.out)
-    # each sample once, with the accuracy the uninterrupted run measured
-    for pattern in (*PRESETS["tiny"].stores("predictor_fp"), *PRESETS["tiny"].stores("predictor_mp")):
-        got = {r.index: r.acc for r in read_samples(str(b.folder / pattern))}
-        want = {r.index: r.acc for r in read_samples(str(a.folder / pattern))}
-        indices = [r.index for r in read_samples(str(b.folder / pattern))]
-        assert sorted(indices) == list(range(len(want))), f"{pattern}: indices {sorted(indices)}"
-        assert got == want, pattern
-    # no finished stage redone: after its "== stage" line, its command never starts again
-    finished: set[str] = set()
-    runs = _runs(b.log)
-    assert len(runs) == len(landed) + 1
-    for run in runs:
-        for line in run:
-            if line.startswith("$ apq "):
-                stage = stage_of.get(line, line)
-                assert stage not in finished, f"finished stage {stage} started again: {line}"
-            elif line.startswith("== stage "):
-                finished.add(line[len("== stage "):].rsplit(":", 1)[0])
-    assert finished == set(later)
+@pytest.mark.parametrize("teacher", ["subnet", "largest"])
+def test_a_resumed_qat_finetune_keeps_its_teacher(supernet, teacher):
+    def module() -> QATModule:
+        return QATModule(supernet_ckpt=str(supernet), space="tiny", policy="uniform4", kd_ratio=1.0, teacher=teacher)
+
+    trained = module()
+    trained.set_teacher(clone_float(trained.model) if teacher == "subnet" else trained.teacher)
+    for buf in trained.teacher.buffers():  # what prepare()'s BN re-calibration changes
+        if buf.dtype.is_floating_point:
+            buf.add_(0.25)
+    trained.prepared = True
+    ckpt: dict = {}
+    trained.on_save_checkpoint(ckpt)
+    resumed = module()
+    assert (resumed.teacher is None) == (teacher == "subnet")  # prepare() makes it, and a resume skips prepare()
+    resumed.on_load_checkpoint(_weights_only(ckpt))
+    want, got = trained.teacher.state_dict(), resumed.teacher.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want if torch.is_tensor(want[k]))
+    assert not any(p.requires_grad for p in resumed.teacher.parameters())
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.equal(trained.teacher.eval()(x), resumed.teacher(x))
+
+
+def test_the_check_finds_a_finished_stage_started_again(tmp_path, check):
+    a, b = tmp_path / "a.log", tmp_path / "b.log"
+    a.write_text("# pipeline run 1\n$ apq predict fp\nsamples...\n== stage 2 FP samples: 3 s\n$ apq fit fp\n"
+                 "== stage 3 FP predictor: 5 s\n")
+    stage_of = check.commands_by_stage(a)
+    assert stage_of == {"$ apq predict fp": "2 FP samples", "$ apq fit fp": "3 FP predictor"}
+    b.write_text("# pipeline run 1\n$ apq predict fp\n== stage 2 FP samples: 3 s\n$ apq fit fp\n"
+                 "# pipeline run 2\n== stage 2 FP samples: done by an earlier run, skipped\n$ apq fit fp\n"
+                 "== stage 3 FP predictor: 4 s\n")
+    assert check.redone_stages(b, stage_of) == ([], {"2 FP samples", "3 FP predictor"})
+    b.write_text(b.read_text() + "# pipeline run 3\n$ apq predict fp\n== stage 2 FP samples: 1 s\n")
+    assert check.redone_stages(b, stage_of)[0] == ["$ apq predict fp"]
+    assert len(check.driver_runs(b)) == 3
+
+
+@pytest.mark.slow
+def test_a_qat_finetune_killed_after_an_epoch_ends_with_the_same_weights(tmp_path, supernet):
+    """Before the random states and the teacher were in the checkpoint, the resumed epochs drew
+    other batches and trained without distillation: the pipeline's finetuned top-1 changed."""
+
+    def fit(run: str, kill: bool = False) -> dict:
+        recipe = str(ROOT / "recipes" / "finetune_tiny.yaml")
+        cmd = [sys.executable, "-m", "apq_lightning.cli", "fit", "--config", recipe,
+               "--model.supernet_ckpt", str(supernet), "--trainer.default_root_dir", run, "--trainer.max_epochs", "3",
+               "--trainer.limit_train_batches", "4", "--model.init_args.calib_batches", "1",
+               "--model.init_args.bn_calib_batches", "1", "--trainer.enable_progress_bar", "false",
+               "--ckpt_path", "last"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+        last = tmp_path / run / "checkpoints" / "last.ckpt"
+        if kill:  # killed after its first epoch's checkpoint, in the second epoch
+            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            deadline = time.time() + 300
+            while proc.poll() is None and not last.exists() and time.time() < deadline:
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            assert torch.load(last, weights_only=True)["epoch"] < 2, "the kill came after the run had ended"
+        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(last, weights_only=True)
+
+    whole, resumed = fit("whole"), fit("resumed", kill=True)
+    assert (whole["epoch"], whole["global_step"]) == (resumed["epoch"], resumed["global_step"]) == (2, 12)
+    for part in (whole["state_dict"], whole["apq_qat"]["teacher"]):
+        other = resumed["state_dict"] if part is whole["state_dict"] else resumed["apq_qat"]["teacher"]
+        differ = [k for k, v in part.items() if torch.is_tensor(v) and not torch.equal(v, other[k])]
+        assert not differ, f"resumed weights differ from the uninterrupted run's: {differ[:5]}"

@@ -10,7 +10,15 @@ Design choices, and why:
 * **Split by architecture.** A record's split is a hash of ``split_seed`` and its
   *architecture* key (the subnet without bits), so one architecture is never in two splits —
   not across its bit policies (``mp_arch_policies`` measures one architecture under several),
-  not across FP and MP stores, and not as stores grow: a record's split never changes.
+  not across FP and MP stores, and not as stores grow.
+* **A validation split of sensible size.** The hash share alone can be tiny on a small store
+  (on the 120-sample CIFAR MP store ``val_fraction: 0.1`` gave 13 samples, 10 of them one
+  architecture), and early stopping and every ``val/*`` number would rest on noise. So the
+  validation split takes further architectures, in hash order, from the training split until it
+  holds ``max(val_fraction·N, min_val_samples)`` samples of at least ``min_val_archs``
+  architectures, never more than half of the non-test samples; a store too small for that is
+  trained with a warning that says so. The test split is the hash share only. Once a store is
+  large enough for the hash share to meet the minimums, a record's split never changes.
 * **Incremental reading, by the store's reader.** Each file is read from where the last read
   stopped (:func:`~apq_lightning.collection.reading.read_from` and its cursor: the store's own
   parser and checks, nothing re-implemented here), so ``follow=True`` (re-read at every epoch,
@@ -31,7 +39,9 @@ Design choices, and why:
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +62,10 @@ from apq_lightning.space import SearchSpace, Subnet, get_space, to_genomes
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 
 
+class SmallValidationSplitWarning(UserWarning):
+    """The validation split misses ``min_val_samples`` / ``min_val_archs`` (a small store)."""
+
+
 def arch_keys(space: SearchSpace, genomes: np.ndarray) -> list[str]:
     """Identity of each genome's *architecture* (depth, kernel and width genes; not the bits):
     what the split is made on. Skipped blocks are canonical zeros in a genome, so equal
@@ -70,6 +84,61 @@ def _unit_hash(*parts: Any) -> float:
     """A deterministic number in [0, 1) from its arguments (stable across runs and machines)."""
     digest = hashlib.sha1(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+@dataclass(frozen=True)
+class SplitRule:
+    """How samples are split by architecture (see the module docstring): the hash share of
+    ``test_fraction`` / ``val_fraction``, then architectures moved, in hash order, from training
+    to validation until it holds ``max(val_fraction·N, min_val_samples)`` samples of
+    ``min_val_archs`` architectures, never past half of the non-test samples. Used by the
+    datamodule and by anything that needs the same split of its own samples (benchmarks)."""
+
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    min_val_samples: int = 20
+    min_val_archs: int = 8
+    seed: int = 0
+
+    def hash_split(self, arch: str) -> str:
+        """The split of an architecture by the hash share alone."""
+        u = _unit_hash(self.seed, arch)
+        if u < self.test_fraction:
+            return "test"
+        return "val" if u < self.test_fraction + self.val_fraction else "train"
+
+    def val_needed(self, n: int) -> int:
+        """Samples the validation split should hold, of ``n`` in all."""
+        return max(math.ceil(self.val_fraction * n), self.min_val_samples) if self.val_fraction > 0 else 0
+
+    def assign(self, archs: Sequence[str]) -> dict[str, str]:
+        """The split of every architecture, given each sample's architecture key."""
+        counts = Counter(archs)
+        split = {a: self.hash_split(a) for a in counts}
+        if self.val_fraction == 0:
+            return split
+        n_val = sum(n for a, n in counts.items() if split[a] == "val")
+        val_archs = sum(1 for a in counts if split[a] == "val")
+        held = n_val + sum(n for a, n in counts.items() if split[a] == "train")
+        need = self.val_needed(len(archs))
+        for a in sorted((a for a in counts if split[a] == "train"), key=lambda a: _unit_hash(self.seed, a)):
+            if n_val >= need and val_archs >= self.min_val_archs:
+                break
+            if 2 * (n_val + counts[a]) <= held:
+                split[a] = "val"
+                n_val += counts[a]
+                val_archs += 1
+        return split
+
+    def shortfall(self, archs: Sequence[str], split: dict[str, str]) -> str | None:
+        """What the validation split of :meth:`assign` misses of its minimums, or ``None``."""
+        val = [a for a in archs if split[a] == "val"]
+        n_archs, need = len(set(val)), self.val_needed(len(archs))
+        if self.val_fraction == 0 or (len(val) >= need and n_archs >= self.min_val_archs):
+            return None
+        return (f"holds {len(val)} sample(s) of {n_archs} architecture(s), fewer than the {need} samples of "
+                f"{self.min_val_archs} architectures asked (val_fraction, min_val_samples, min_val_archs), and may "
+                "not take more than half of the non-test samples")
 
 
 @dataclass
@@ -123,6 +192,9 @@ class SubnetSampleDataModule(L.LightningDataModule):
             of another supernet are refused (samples of two checkpoints never mix silently).
         kinds: keep only these record kinds (``fp``, ``mp_random``, ``mp_arch_policies``).
         val_fraction, test_fraction: shares of *architectures* held out (see the split above).
+        min_val_samples, min_val_archs: the least the validation split holds (samples,
+            distinct architectures) when ``val_fraction > 0``: architectures move from training
+            to validation, in hash order, until both hold (see the module docstring).
         split_seed: seed of the split hash and of the ``max_train`` subset.
         max_train: keep at most this many training samples, a deterministic subset (the same
             seed and stores give the same subset; a smaller cap is a subset of a larger one) —
@@ -143,6 +215,8 @@ class SubnetSampleDataModule(L.LightningDataModule):
         kinds: list[str] | None = None,
         val_fraction: float = 0.1,
         test_fraction: float = 0.1,
+        min_val_samples: int = 20,
+        min_val_archs: int = 8,
         split_seed: int = 0,
         max_train: int | None = None,
         batch_size: int = 256,
@@ -158,6 +232,10 @@ class SubnetSampleDataModule(L.LightningDataModule):
             raise ValueError(
                 f"val_fraction={val_fraction} and test_fraction={test_fraction}: each must be in [0, 1) "
                 "and their sum below 1"
+            )
+        if min_val_samples < 0 or min_val_archs < 0:
+            raise ValueError(
+                f"min_val_samples={min_val_samples} and min_val_archs={min_val_archs}: each must be an integer >= 0"
             )
         if kinds is not None and not set(kinds) <= set(KINDS):
             raise ValueError(f"kinds {sorted(set(kinds) - set(KINDS))} unknown; allowed: {list(KINDS)}")
@@ -175,6 +253,7 @@ class SubnetSampleDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        self.rule = SplitRule(val_fraction, test_fraction, int(min_val_samples), int(min_val_archs), split_seed)
         self.max_train = max_train
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -183,6 +262,7 @@ class SubnetSampleDataModule(L.LightningDataModule):
         self._samples: dict[Path, list[_Sample]] = {}  # what was kept of it
         self._seen: set[tuple] = set()
         self._splits: dict[str, SampleDataset] = {}
+        self._arch_split: dict[str, str] = {}  # split of every architecture read
         self._version = -1  # number of samples the current splits were built from
         if not follow:  # read now: stores a predictor cannot learn from are refused when the recipe is loaded
             self.refresh()
@@ -261,11 +341,21 @@ class SubnetSampleDataModule(L.LightningDataModule):
 
     # ---- splits ------------------------------------------------------------------------
     def split_of(self, arch: str) -> str:
-        """``train`` / ``val`` / ``test`` of an architecture key (see :func:`arch_key`)."""
-        u = _unit_hash(self.split_seed, arch)
-        if u < self.test_fraction:
-            return "test"
-        return "val" if u < self.test_fraction + self.val_fraction else "train"
+        """``train`` / ``val`` / ``test`` of an architecture key (see :func:`arch_key`) in the
+        current splits: the hash share, plus the architectures the validation minimums moved."""
+        return self._arch_split.get(arch) or self.rule.hash_split(arch)
+
+    def _warn_small_val(self, archs: list[str]) -> None:
+        """Say when the validation split misses its minimums (a store too small for them)."""
+        short = self.rule.shortfall(archs, self._arch_split)
+        if short is None:
+            return
+        msg = (f"the val split of {self.stores} {short}: its metrics and early stopping rest on few samples; "
+               "collect more, or lower min_val_samples / min_val_archs")
+        if self.follow:  # a growing store: small at first, by design
+            rank_zero_info(msg)
+        else:
+            warnings.warn(msg, SmallValidationSplitWarning, stacklevel=2)
 
     def _build(self) -> None:
         samples = [s for v in self._samples.values() for s in v]
@@ -278,6 +368,7 @@ class SubnetSampleDataModule(L.LightningDataModule):
                 "collect samples first (apq predict --config recipes/collect_*.yaml)"
             )
         parts: dict[str, list[_Sample]] = {k: [] for k in SPLITS}
+        self._arch_split = self.rule.assign([s.arch for s in samples])
         for s in samples:
             parts[self.split_of(s.arch)].append(s)
         if self.max_train is not None and len(parts["train"]) > self.max_train:
@@ -292,9 +383,11 @@ class SubnetSampleDataModule(L.LightningDataModule):
         kinds = Counter(s.kind for s in samples)
         rank_zero_info(
             f"samples: {len(samples)} from {len(self._cursors)} store file(s), space {self.space}, supernet "
-            f"{self.supernet_hash}, kinds {dict(kinds)}; train {len(parts['train'])} / val {len(parts['val'])} / "
-            f"test {len(parts['test'])}" + (f" (train capped at {self.max_train})" if self.max_train else "")
+            f"{self.supernet_hash}, kinds {dict(kinds)}; train {len(parts['train'])} / val {len(parts['val'])} "
+            f"({len({s.arch for s in parts['val']})} architectures) / test {len(parts['test'])}"
+            + (f" (train capped at {self.max_train})" if self.max_train else "")
         )
+        self._warn_small_val([s.arch for s in samples])
 
     def dataset(self, split: str) -> SampleDataset:
         if split not in SPLITS:
@@ -306,10 +399,20 @@ class SubnetSampleDataModule(L.LightningDataModule):
     @property
     def train_mean(self) -> float:
         """Mean training accuracy (the predictor's initial regressor bias)."""
+        return float(self._train_accs("train_mean").mean())
+
+    @property
+    def train_std(self) -> float:
+        """Standard deviation of the training accuracies (the predictor module standardises its
+        targets by it); 0 for fewer than two samples."""
+        accs = self._train_accs("train_std")
+        return float(accs.std()) if len(accs) > 1 else 0.0
+
+    def _train_accs(self, what: str) -> torch.Tensor:
         accs = self.dataset("train").accs
         if len(accs) == 0:
-            raise ValueError("no training samples: train_mean is undefined")
-        return float(accs.double().mean())
+            raise ValueError(f"no training samples: {what} is undefined")
+        return accs.double()
 
     @property
     def feature_dim(self) -> int:

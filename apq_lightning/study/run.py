@@ -2,10 +2,14 @@
 fitted by a Lightning Trainer of its own, and scored by
 :func:`~apq_lightning.metrics.predictor_metrics` on the fixed MP test split.
 
-**Training.** The module's own loss and optimiser (Adam with weight decay, per-epoch cosine
-decay, as in the recipes) over pre-encoded tensors; the seed fixes the initialisation (scratch)
-and the batch order. ``min_steps`` raises the epochs of small training sets so that each run
-takes at least that many optimizer steps (0 = exactly ``epochs``).
+**Training.** The module's own loss and optimiser over pre-encoded tensors, with APQ's
+training (:data:`~apq_lightning.modules.predictor_module.APQ_TRAINING`: one-hot bits, Adam with
+weight decay, per-epoch cosine decay, the whole transferred network trained): the study measures
+APQ's claim about transfer, in APQ's setting, for a fixed number of epochs (it has no validation
+split to stop on). The seed fixes the initialisation (scratch) and the batch order. ``min_steps``
+raises the epochs of small training sets so that each run takes at least that many optimizer
+steps (0 = exactly ``epochs``). :func:`fit_predictor` also fits with a validation split, a step
+budget and early stopping (:class:`StepBudget`), for ``benchmarks/predictor_choices.py``.
 """
 
 from __future__ import annotations
@@ -17,15 +21,18 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from apq_lightning.metrics import predictor_metrics
 from apq_lightning.modules import PredictorModule
+from apq_lightning.modules.predictor_module import APQ_TRAINING
 from apq_lightning.predictor import AccuracyPredictor
 from apq_lightning.study.config import INITS, StudyError, TransferStudyConfig
 from apq_lightning.study.report import markdown, plot, summarize
@@ -58,18 +65,42 @@ class EpochPermutations(Sampler[int]):
         return iter(torch.randperm(self.n, generator=self.generator).tolist())
 
 
+@dataclass(frozen=True)
+class StepBudget:
+    """Training length in optimizer steps: validate every ``val_every`` steps and stop after
+    ``patience`` validations without a lower ``val/loss`` (Lightning's ``EarlyStopping``), or at
+    ``max_steps``; the module restores its best weights. The recipes' numbers."""
+
+    max_steps: int = 2000
+    val_every: int = 20
+    patience: int = 10
+
+    def trainer_args(self) -> dict:
+        """Trainer arguments of this budget (the recipes set the same)."""
+        stop = EarlyStopping("val/loss", patience=self.patience, check_on_train_epoch_end=False)
+        return {"max_steps": self.max_steps, "max_epochs": -1, "val_check_interval": self.val_every,
+                "check_val_every_n_epoch": None, "callbacks": [stop], "num_sanity_val_steps": 0}
+
+
 def fit_predictor(
-    module: PredictorModule, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int, root: Path
+    module: PredictorModule, x: torch.Tensor, y: torch.Tensor, epochs: int, batch_size: int, seed: int, root: Path,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None, budget: StepBudget | None = None,
 ) -> int:
-    """Fit ``module`` on ``(x, y)`` for ``epochs`` with a Trainer (CPU, no logger, no checkpoints);
-    the batch order is a permutation per epoch drawn from ``seed``. Returns the optimizer steps."""
+    """Fit ``module`` on ``(x, y)`` with a Trainer (CPU, no logger, no checkpoints); the batch
+    order is a permutation per epoch drawn from ``seed``. ``epochs`` without ``val``; with ``val``
+    (features, accuracies) and a ``budget``: steps, validation and early stopping. Returns the
+    optimizer steps."""
     data = TensorDataset(x, y)
     order = EpochPermutations(len(data), seed)
-    trainer = L.Trainer(
-        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
-    )
-    trainer.fit(module, DataLoader(data, batch_size=batch_size, sampler=order))
+    common = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_checkpointing": False,
+              "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": root}
+    loader = DataLoader(data, batch_size=batch_size, sampler=order)
+    if val is None or budget is None:
+        trainer = L.Trainer(max_epochs=epochs, limit_val_batches=0, **common)
+        trainer.fit(module, loader)
+    else:
+        trainer = L.Trainer(**budget.trainer_args(), **common)
+        trainer.fit(module, loader, DataLoader(TensorDataset(*val), batch_size=max(1, len(val[1]))))
     module.eval()
     return int(trainer.global_step)
 
@@ -82,14 +113,15 @@ def evaluate(predictor: AccuracyPredictor, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def new_module(config: TransferStudyConfig, space: str, quantized: bool, loss: str, y: torch.Tensor) -> PredictorModule:
-    """A fresh predictor module of the study's shape; its bias starts at the training mean."""
+    """A fresh predictor module of the study's shape and APQ's training; its bias starts at the
+    training mean."""
     return PredictorModule(space=space, quantized=quantized, hidden=config.hidden, num_layers=config.num_layers,
-                           lr=config.lr, weight_decay=config.weight_decay, loss=loss,
+                           **{**APQ_TRAINING, "lr": config.lr, "weight_decay": config.weight_decay}, loss=loss,
                            base_acc=float(y.double().mean()))
 
 
 @contextmanager
-def _quiet_and_single_threaded() -> Iterator[None]:
+def quiet_and_single_threaded() -> Iterator[None]:
     """One torch thread (the runs are small matrix products that extra threads only slow down)
     and Lightning's info lines and hints off (the study prints its own); all restored afterwards.
 
@@ -125,7 +157,7 @@ def run_study(config: TransferStudyConfig, progress: bool = True, echo: Callable
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise StudyError(f"--out {out}: is a file; allowed: a directory (created when missing)")
-    with _quiet_and_single_threaded():
+    with quiet_and_single_threaded():
         return _run(config, out, progress, echo)
 
 
@@ -199,7 +231,7 @@ def _run(config: TransferStudyConfig, out: Path, progress: bool, echo: Callable[
                         torch.manual_seed(seed)
                         mod = new_module(config, space, True, loss, y_tr)
                         if init == "transfer":
-                            mod.predictor.transfer_from(fp_pred)  # regressor bias: the FP predictor's
+                            mod.transfer(fp_pred)  # regressor bias: the FP predictor's
                         t = time.perf_counter()
                         steps = fit_predictor(mod, x_tr, y_tr, epochs=epochs, batch_size=config.batch_size,
                                               seed=seed, root=out)
