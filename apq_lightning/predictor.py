@@ -89,7 +89,7 @@ class AccuracyPredictor(nn.Module):
         self.quantized = bool(quantized)
         self.hidden = int(hidden)
         self.num_layers = int(num_layers)
-        self.bit_features = bit_features
+        self.bit_features = bit_features if self.quantized else "onehot"  # no bit part: nothing to choose
         self.encoder: Encoder = get_encoder(self.space)
         fp_dim = self.encoder.fp_dim
         self.layers = nn.Sequential(

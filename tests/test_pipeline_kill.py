@@ -1,23 +1,20 @@
-"""What the pipeline's kill check (``benchmarks/pipeline_kill.py``, issue 18 item 5) relies on.
+"""The whole pipeline under kill -9 (issue 18 item 5), and what its resume relies on.
 
-The check kills the whole tiny pipeline at random moments and compares the end with an
-uninterrupted run; it takes ~10 minutes, so it runs by hand (docs/testing.md has its last
-result). Here, in the suite: a resumed fit draws the batches the uninterrupted one would
-(``LastCheckpoint`` stores and restores the random generators), a resumed QAT finetune keeps its
-distillation teacher, a QAT finetune killed after an epoch ends with the uninterrupted run's
-weights, and the check's own log reading finds a redone stage.
+The pipeline test runs ``benchmarks/pipeline_kill.py``'s check with 4 kills at random moments of
+random stages after the supernet (seeded by ``APQ_TEST_SEED``, so a failure replays): the killed
+and rerun pipeline must end with the uninterrupted run's results table, each sample measured
+once, and no finished stage started again (the script's docstring has the details; the script
+runs it with a kill in every stage, docs/testing.md has its last result). The fast tests hold
+the pieces that make a resumed run end as an uninterrupted one: a resumed fit draws the same
+batches (``LastCheckpoint`` stores and restores the random generators), a resumed QAT finetune
+keeps its distillation teacher, and the check's own log reading finds a stage started again.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -113,34 +110,8 @@ def test_the_check_finds_a_finished_stage_started_again(tmp_path, check):
 
 
 @pytest.mark.slow
-def test_a_qat_finetune_killed_after_an_epoch_ends_with_the_same_weights(tmp_path, supernet):
-    """Before the random states and the teacher were in the checkpoint, the resumed epochs drew
-    other batches and trained without distillation: the pipeline's finetuned top-1 changed."""
-
-    def fit(run: str, kill: bool = False) -> dict:
-        recipe = str(ROOT / "recipes" / "finetune_tiny.yaml")
-        cmd = [sys.executable, "-m", "apq_lightning.cli", "fit", "--config", recipe,
-               "--model.supernet_ckpt", str(supernet), "--trainer.default_root_dir", run, "--trainer.max_epochs", "3",
-               "--trainer.limit_train_batches", "4", "--model.init_args.calib_batches", "1",
-               "--model.init_args.bn_calib_batches", "1", "--trainer.enable_progress_bar", "false",
-               "--ckpt_path", "last"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
-        last = tmp_path / run / "checkpoints" / "last.ckpt"
-        if kill:  # killed after its first epoch's checkpoint, in the second epoch
-            proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.time() + 300
-            while proc.poll() is None and not last.exists() and time.time() < deadline:
-                time.sleep(0.05)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            assert torch.load(last, weights_only=True)["epoch"] < 2, "the kill came after the run had ended"
-        done = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return torch.load(last, weights_only=True)
-
-    whole, resumed = fit("whole"), fit("resumed", kill=True)
-    assert (whole["epoch"], whole["global_step"]) == (resumed["epoch"], resumed["global_step"]) == (2, 12)
-    for part in (whole["state_dict"], whole["apq_qat"]["teacher"]):
-        other = resumed["state_dict"] if part is whole["state_dict"] else resumed["apq_qat"]["teacher"]
-        differ = [k for k, v in part.items() if torch.is_tensor(v) and not torch.equal(v, other[k])]
-        assert not differ, f"resumed weights differ from the uninterrupted run's: {differ[:5]}"
+@pytest.mark.timeout(1800)
+def test_the_pipeline_killed_in_later_stages_ends_as_an_uninterrupted_run(tmp_path, check, seed):
+    summary = check.run_check(tmp_path, kills=4, seed=seed)
+    print(f"kills landed in {summary['kills_landed_in']}; {summary['wall_s']} s")
+    assert summary["failures"] == [], summary

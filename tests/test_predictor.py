@@ -36,7 +36,7 @@ from apq_lightning.metrics import (
 from apq_lightning.mlp_scorer import MLPScorer
 from apq_lightning.modules import PredictorModule
 from apq_lightning.modules.predictor_module import pairwise_ranking_loss
-from apq_lightning.predictor import FORMAT, AccuracyPredictor
+from apq_lightning.predictor import BIT_FEATURES, FORMAT, AccuracyPredictor
 from apq_lightning.space import get_space
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -557,7 +557,9 @@ def test_predictor_learns_a_synthetic_ground_truth(tmp_path, seed):
     L.seed_everything(seed)
     write_store(tmp_path / "mp.jsonl", "tiny", "mp_random", 1500)
     dm = SubnetSampleDataModule([str(tmp_path / "mp.jsonl")], quantized=True, batch_size=64)
-    module = PredictorModule(space="tiny", quantized=True, hidden=128, lr=2e-3)
+    # one-hot bits: the synthetic truth gives every bit choice of every tensor its own random effect,
+    # which a bit head on the numeric deficits cannot represent (a real store's bits are ordered)
+    module = PredictorModule(space="tiny", quantized=True, hidden=128, lr=2e-3, bit_features="onehot")
     trainer = _trainer(tmp_path, 12)
     trainer.fit(module, dm)
     val = dict(trainer.callback_metrics)
@@ -651,7 +653,7 @@ def test_recipe_chain_fp_then_mp_from_the_lightning_checkpoint(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     write_store(tmp_path / "runs" / "collect_fp_tiny" / "samples.rank0.jsonl", "tiny", "fp", 120)
     write_store(tmp_path / "runs" / "collect_mp_tiny" / "samples.rank0.jsonl", "tiny", "mp_random", 120, seed=1)
-    short = ("--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2")
+    short = ("--trainer.max_steps", "4", "--trainer.val_check_interval", "2")
     assert cli_main(_cli("predictor_fp_tiny.yaml", tmp_path, *short)) == 0
     fp_ckpt = tmp_path / "runs" / "predictor_fp_tiny" / "checkpoints" / "last.ckpt"
     assert torch.load(fp_ckpt, weights_only=True)["hyper_parameters"]["quantized"] is False
@@ -712,3 +714,252 @@ def test_arch_groups_are_equal_exactly_for_one_architecture():
     x = torch.as_tensor(enc.encode_genomes(np.stack([sp.to_genome(s) for s in subnets]), quantized=True))
     keys = arch_groups(x, enc.fp_dim)
     assert keys[0] == keys[1] != keys[2]
+
+
+# --------------------------------------------------------------------------------------------
+# A predictor that cannot memorise noise (issue 15 item 5): bit layouts, standardised targets,
+# the grouped validation split, early stopping with the best weights restored, old files
+# --------------------------------------------------------------------------------------------
+def _randomized(pred: AccuracyPredictor, std: float = 0.1) -> AccuracyPredictor:
+    with torch.no_grad():
+        for p in pred.parameters():
+            p.normal_(0.0, std)
+    return pred
+
+
+@pytest.mark.parametrize("bit_features", BIT_FEATURES)
+def test_every_bit_layout_predicts_what_the_search_scores(bit_features):
+    pred = _randomized(AccuracyPredictor("apq_cifar", quantized=True, hidden=32, bit_features=bit_features))
+    sp, enc = get_space("apq_cifar"), get_encoder("apq_cifar")
+    genomes = sp.sample_genomes(4, 40)
+    want = pred.predict(genomes)
+    np.testing.assert_array_equal(want.numpy(), MLPScorer(pred)(genomes).astype(np.float32))
+    dense = pred(torch.from_numpy(enc.encode_genomes(genomes)))  # the training forward: another sum order
+    torch.testing.assert_close(want, dense.detach(), rtol=1e-5, atol=1e-5)
+    assert want.std() > 0.01  # the bits and the architecture both move the score
+
+
+def test_bit_deficits_order_the_bits():
+    enc = get_encoder("tiny")
+    sp = enc.space
+    d = enc.bit_deficits()
+    assert d.shape == (enc.quant_dim, 4 * sp.num_blocks) and d.dtype == np.float32
+    s = sp.sample(3)
+    active = np.tile(sp.genome_active(sp.to_genome(s)[None])[0], 4).astype(np.float32)
+    for bits, deficit in ((8, 0.0), (6, 0.5), (4, 1.0)):
+        x = enc.encode([s.with_bits(bits)])[:, enc.fp_dim:]
+        np.testing.assert_array_equal((x @ d)[0], deficit * active)  # skipped blocks: 0 at any bit width
+
+
+@pytest.mark.parametrize("bit_features", ["onehot+numeric", "head"])
+def test_transfer_into_every_layout_starts_as_the_fp_predictor(bit_features, tmp_path):
+    fp = _randomized(AccuracyPredictor("tiny", quantized=False, hidden=32, base_acc=0.6))
+    mp = AccuracyPredictor("tiny", quantized=True, hidden=32, bit_features=bit_features).transfer_from(fp)
+    assert mp.bit_layers() and all((m.weight == 0).all() and (m.bias == 0).all() for m in mp.bit_layers())
+    genomes = get_space("tiny").sample_genomes(0, 20)
+    torch.testing.assert_close(mp.predict(genomes), fp.predict(genomes))
+    back = AccuracyPredictor.load(_randomized(mp).save(tmp_path / "mp.pt"))  # the layout is in the file
+    assert back.bit_features == bit_features
+    torch.testing.assert_close(back.predict(genomes), mp.predict(genomes), rtol=0, atol=0)
+
+
+def test_files_of_before_bit_features_load_with_the_one_hot_layout(tmp_path):
+    """Old ``.pt`` files and old Lightning checkpoints carry no ``bit_features``: APQ's one-hot layout."""
+    mp = _randomized(AccuracyPredictor("tiny", quantized=True, hidden=24))
+    genomes = get_space("tiny").sample_genomes(1, 10)
+    old = {"format": FORMAT, "space": "tiny", "quantized": True, "hidden": 24, "num_layers": 3,
+           "state_dict": mp.state_dict()}
+    torch.save(old, tmp_path / "old.pt")
+    ckpt = {"state_dict": {f"predictor.{k}": v for k, v in mp.state_dict().items()}, "epoch": 3,
+            "pytorch-lightning_version": L.__version__,
+            "hyper_parameters": {"space": "tiny", "quantized": True, "hidden": 24, "num_layers": 3, "lr": 1e-3,
+                                 "weight_decay": 1e-4, "loss": "mse", "cosine": True, "base_acc": None,
+                                 "transfer_from": None}}
+    torch.save(ckpt, tmp_path / "old.ckpt")
+    for path in (tmp_path / "old.pt", tmp_path / "old.ckpt"):
+        back = AccuracyPredictor.load(path)
+        assert back.bit_features == "onehot"
+        torch.testing.assert_close(back.predict(genomes), mp.predict(genomes), rtol=0, atol=0)
+    module = PredictorModule.load_from_checkpoint(tmp_path / "old.ckpt", weights_only=True)
+    assert module.hparams.bit_features == "onehot"
+    torch.testing.assert_close(module.predictor.predict(genomes), mp.predict(genomes), rtol=0, atol=0)
+
+
+def test_standardised_training_equals_training_on_z_scores(tmp_path):
+    """The module's output layer in z units (weights x sigma, lr x sigma, eps / sigma, decay / sigma,
+    none on its bias) is exactly AdamW on (y - mu) / sigma read back as mu + sigma * z."""
+    from apq_lightning.study.run import EpochPermutations, fit_predictor
+
+    g = torch.Generator().manual_seed(0)
+    enc = get_encoder("tiny")
+    x = torch.from_numpy(enc.encode_genomes(enc.space.sample_genomes(0, 48), quantized=False))
+    y = 0.7 + 0.02 * torch.randn(48, generator=g)
+    mu, sigma = float(y.double().mean()), float(y.double().std())
+    torch.manual_seed(0)
+    module = PredictorModule(space="tiny", quantized=False, hidden=16, base_acc=mu, target_std=sigma, cosine=False,
+                             best_monitor=None)
+    z_net = AccuracyPredictor("tiny", quantized=False, hidden=16)
+    z_net.load_state_dict(module.predictor.state_dict())
+    with torch.no_grad():
+        z_net.regressor.bias.zero_()  # mu in z units
+    fit_predictor(module, x, y, epochs=4, batch_size=16, seed=0, root=tmp_path)
+    reg = list(z_net.regressor.parameters())
+    rest = [p for p in z_net.parameters() if not any(p is q for q in reg)]
+    opt = torch.optim.AdamW([{"params": rest}, {"params": [z_net.regressor.weight]},
+                             {"params": [z_net.regressor.bias], "weight_decay": 0.0}], lr=1e-3, weight_decay=1e-2)
+    order = EpochPermutations(len(y), 0)
+    z = (y - mu) / sigma
+    for _ in range(4):
+        for idx in torch.tensor(list(iter(order))).split(16):
+            loss = torch.nn.functional.mse_loss(z_net(x[idx]), z[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(module.predictor(x), mu + sigma * z_net(x), rtol=0, atol=2e-6)
+        assert float((module.predictor(x) - y).abs().max()) < 0.2  # in accuracy units, not z-scores
+
+
+def test_standardised_targets_predict_in_accuracy_units(tmp_path):
+    write_store(tmp_path / "fp.jsonl", "tiny", "fp", 160)
+    dm = SubnetSampleDataModule([str(tmp_path / "fp.jsonl")], batch_size=32)
+    module = PredictorModule(space="tiny", quantized=False, hidden=32)
+    _trainer(tmp_path, 40).fit(module, dm)
+    val = dm.dataset("val")
+    pred = module.predictor.predict(val.genomes)
+    y = val.accs
+    assert abs(float(pred.mean() - y.mean())) < float(y.std())  # around the accuracies, not around 0
+    assert 0.3 < float(pred.std() / y.std()) < 3.0  # their spread, not the z-scores' 1
+    assert predictor_metrics(pred, y)["pairwise_acc"] > 0.7
+    # what is saved is the accuracy-unit predictor: no sigma needed to read it
+    back = AccuracyPredictor.load(module.predictor.save(tmp_path / "fp.pt"))
+    torch.testing.assert_close(back.predict(val.genomes), pred, rtol=0, atol=0)
+
+
+class _ValLog(L.Callback):
+    """Every validation's loss and the predictor's weights at that moment."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+        self.states: list[dict] = []
+        self.steps: list[int] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.losses.append(float(trainer.callback_metrics["val/loss"]))
+        self.states.append({k: v.clone() for k, v in pl_module.predictor.state_dict().items()})
+        self.steps.append(trainer.global_step)
+
+
+def test_early_stopping_stops_on_a_noisy_store_and_restores_the_best(tmp_path):
+    """Labels with noise far above their signal: a from-scratch MLP memorises, the validation loss
+    turns up, EarlyStopping ends the fit long before max_steps and the best weights come back."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    write_store(tmp_path / "mp.jsonl", "tiny", "mp_random", 120, noise=0.05)
+    dm = SubnetSampleDataModule([str(tmp_path / "mp.jsonl")], quantized=True, batch_size=32)
+    module = PredictorModule(space="tiny", quantized=True, hidden=64, bit_features="onehot", lr=3e-3)
+    log = _ValLog()
+    stop = EarlyStopping("val/loss", patience=4, check_on_train_epoch_end=False)
+    trainer = L.Trainer(max_steps=3000, max_epochs=-1, val_check_interval=5, check_val_every_n_epoch=None,
+                        callbacks=[log, stop], num_sanity_val_steps=0, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, dm)
+    assert trainer.global_step < 3000 and stop.stopped_epoch > 0
+    best = int(np.argmin(log.losses))
+    assert best < len(log.losses) - 1 and module._best["step"] == log.steps[best]  # stopped after the best
+    for k, v in module.predictor.state_dict().items():
+        torch.testing.assert_close(v, log.states[best][k], rtol=0, atol=0)
+    x, y = dm.dataset("val").__getitems__(range(len(dm.dataset("val"))))
+    with torch.no_grad():
+        loss = torch.nn.functional.mse_loss(module.predictor(x), y) / module._sigma**2
+    assert float(loss) == pytest.approx(log.losses[best], rel=1e-4)
+
+
+def test_only_the_bit_part_learns_after_a_transfer(tmp_path):
+    write_store(tmp_path / "mp.jsonl", "tiny", "mp_random", 80)
+    dm = SubnetSampleDataModule([str(tmp_path / "mp.jsonl")], quantized=True, batch_size=16)
+    fp = _randomized(AccuracyPredictor("tiny", quantized=False, hidden=32, base_acc=0.5), 0.05)
+    for train_transferred in (False, True):
+        module = PredictorModule(space="tiny", quantized=True, hidden=32, train_transferred=train_transferred)
+        module.transfer(fp)
+        _trainer(tmp_path, 2).fit(module, dm)
+        assert module.predictor.bit_head.weight.abs().sum() > 0
+        same = all(torch.equal(module.predictor.state_dict()[k], v) for k, v in fp.state_dict().items())
+        assert same is not train_transferred
+
+
+def _val_archs(dm: SubnetSampleDataModule) -> list[str]:
+    from apq_lightning.data.samples import arch_keys
+
+    return arch_keys(get_space(dm.space), dm.dataset("val").genomes)
+
+
+def _cifar_like_store(path: Path) -> None:
+    """The CIFAR MP store's shape on tiny: 6 architectures under 10 policies, 60 of one policy."""
+    sp = get_space("tiny")
+    genomes = sp.sample_genomes(5, 120)
+    arch = sp.genome_slices()["pw_w"].start
+    for a in range(6):
+        genomes[10 * a: 10 * a + 10, :arch] = genomes[10 * a, :arch]
+    write_store(path, "tiny", "mp_arch_policies", 120, genomes=genomes)
+
+
+def test_val_split_meets_its_minimums_by_architecture(tmp_path):
+    _cifar_like_store(tmp_path / "mp.jsonl")
+    dms = {}
+    for seed in range(4):
+        hash_only = SubnetSampleDataModule([str(tmp_path / "mp.jsonl")], quantized=True, split_seed=seed,
+                                           min_val_samples=0, min_val_archs=0)
+        dm = SubnetSampleDataModule([str(tmp_path / "mp.jsonl")], quantized=True, split_seed=seed)
+        archs, before = _val_archs(dm), _val_archs(hash_only)
+        assert len(archs) >= 20 and len(set(archs)) >= 8, (seed, len(archs), len(set(archs)))
+        assert set(before) <= set(archs) and len(dm.dataset("test")) == len(hash_only.dataset("test"))
+        assert 2 * len(archs) <= len(archs) + len(dm.dataset("train"))  # never more than half of train + val
+        owner: dict[str, set[str]] = {}
+        for split in ("train", "val", "test"):
+            from apq_lightning.data.samples import arch_keys
+
+            for key in arch_keys(get_space("tiny"), dm.dataset(split).genomes):
+                owner.setdefault(key, set()).add(split)
+        assert all(len(v) == 1 for v in owner.values())
+        dms[seed] = (len(before), len(set(before)))
+    assert any(n < 20 or k < 8 for n, k in dms.values())  # the hash share alone falls short somewhere
+
+
+def test_a_store_too_small_for_the_val_minimums_warns(tmp_path):
+    from apq_lightning.data.samples import SmallValidationSplitWarning
+
+    write_store(tmp_path / "mp.jsonl", "tiny", "mp_random", 24)
+    with pytest.warns(SmallValidationSplitWarning, match=r"holds \d+ sample\(s\) of \d+ architecture\(s\), fewer than"):
+        dm = SubnetSampleDataModule([str(tmp_path / "mp.jsonl")], quantized=True, val_fraction=0.2)
+    assert 0 < len(dm.dataset("val")) <= len(dm.dataset("train"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallValidationSplitWarning)
+        SubnetSampleDataModule([str(tmp_path / "mp.jsonl")], quantized=True, val_fraction=0.2, min_val_samples=4,
+                               min_val_archs=4)
+    with pytest.raises(ValueError, match="min_val_samples=-1"):
+        SubnetSampleDataModule([str(tmp_path / "mp.jsonl")], min_val_samples=-1)
+
+
+def test_new_module_arguments_are_checked():
+    for kwargs, match in (({"optimizer": "sgd"}, "optimizer='sgd'"), ({"best_monitor": "val/acc"}, "best_monitor"),
+                          ({"bit_features": "bits"}, "bit_features='bits'"), ({"target_std": 0.0}, "target_std")):
+        with pytest.raises(ValueError, match=match):
+            PredictorModule(space="tiny", **kwargs)
+
+
+def test_recipe_early_stopping_writes_the_best_weights_as_last(tmp_path, monkeypatch):
+    """The tiny FP recipe, shortened: when it ends, last.ckpt holds the restored best weights."""
+    monkeypatch.chdir(tmp_path)
+    write_store(tmp_path / "fp" / "samples.rank0.jsonl", "tiny", "fp", 120, noise=0.05)
+    args = _cli("predictor_fp_tiny.yaml", tmp_path, "--trainer.max_steps", "60", "--trainer.val_check_interval", "5",
+                "--data.init_args.stores", json.dumps([str(tmp_path / "fp" / "samples*.jsonl")]))
+    assert cli_main(args) == 0
+    ckpt = torch.load(tmp_path / "runs" / "predictor_fp_tiny" / "checkpoints" / "last.ckpt", weights_only=True)
+    best = ckpt["predictor_best"]
+    assert best["restored"] and best["step"] <= ckpt["global_step"]
+    for k, v in best["state"].items():
+        torch.testing.assert_close(ckpt["state_dict"][f"predictor.{k}"], v, rtol=0, atol=0)
+    summary = json.loads((tmp_path / "runs" / "predictor_fp_tiny" / "summary.json").read_text())
+    assert summary["metrics"]["val/loss"] == pytest.approx(best["value"])  # the numbers of the weights kept

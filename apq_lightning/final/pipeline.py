@@ -353,7 +353,9 @@ def _export(module: Any, dm: Any, out: Path, settings: FinalSettings, subnet: Su
 
     path = module.save_quantized(out / "quantized.pt")
     batch = next(iter(dm.test_dataloader()))[0][: settings.check_images].cpu().float()
-    live = copy.deepcopy(module.model).cpu().eval()
+    # In the reloaded model's memory format: a channels_last conv sums in another order, and a
+    # quantizer turns that 1e-7 into a step (1e-4 seen) when a value sits on a rounding edge.
+    live = copy.deepcopy(module.model).cpu().eval().to(memory_format=torch.contiguous_format)
     loaded = load_quantized(path)
     with torch.no_grad():
         reload_diff = float((loaded(batch) - live(batch)).abs().max())

@@ -283,7 +283,9 @@ class PredictorModule(L.LightningModule):
         best = self._best["value"] if self._best is not None else None
         if best is None or (value < best if MONITOR_MODES[monitor] == "min" else value > best):
             state = {k: v.detach().clone() for k, v in self.predictor.state_dict().items()}
-            self._best = {"value": value, "step": int(self.trainer.global_step), "state": state}
+            metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items()
+                       if k.startswith("val/") and getattr(v, "numel", lambda: 1)() == 1}
+            self._best = {"value": value, "step": int(self.trainer.global_step), "state": state, "metrics": metrics}
         if self.trainer.should_stop:
             self._restore_best()
 
@@ -303,6 +305,8 @@ class PredictorModule(L.LightningModule):
             return
         self.predictor.load_state_dict(self._best["state"])
         self._best["restored"] = True
+        if self._trainer is not None:  # what a summary reads at fit end then describes these weights
+            self.trainer.callback_metrics.update({k: torch.tensor(v) for k, v in self._best.get("metrics", {}).items()})
         rank_zero_info(f"predictor: restored the weights of step {self._best['step']} "
                        f"({self.hparams.best_monitor} {self._best['value']:.4f})")
 
