@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from apq_lightning.batches import iter_images
 from apq_lightning.layout import BLOCK_CONVS, FIXED_LAYERS
 from apq_lightning.space import Subnet
+from apq_lightning.supernet import recalibrate_bn
 
 from .bits import SUPPORTED_BITS, CalibrationMethod, check_method, validate_bits
 from .calibration import observe
@@ -248,27 +249,15 @@ def reestimate_supernet(supernet: Supernet, batches: Iterable[Any], num_batches:
     if st.ranges != "batch":
         raise ValueError("reestimate_supernet needs a supernet quantized with ranges='batch' "
                          "(quantize_supernet(net, ranges='batch')); calibrated ranges use calibrate_supernet")
-    bns = [m for m in supernet.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [bn.momentum for bn in bns]
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None  # cumulative average
-    _set_range_source(supernet, "batch", momentum=None)
-    device = next(supernet.parameters()).device
-    supernet.train()
-    seen = 0
+    _set_range_source(supernet, "batch", momentum=None)  # cumulative, like BatchNorm's below
     try:
-        for x in iter_images(batches, num_batches, device):
-            supernet(x)
-            seen += 1
+        recalibrate_bn(supernet, batches, num_batches)  # train-mode passes: BN and ranges together
+    except ValueError:
+        raise ValueError("reestimate_supernet got no batches") from None
     finally:
-        for bn, m in zip(bns, saved):
-            bn.momentum = m
         for _, iq in _all_quantizers(supernet):
             iq.range_momentum = 0.1
         supernet.eval()
-    if seen == 0:
-        raise ValueError("reestimate_supernet got no batches")
     return supernet
 
 
