@@ -137,7 +137,7 @@ def choices(train: dict[str, Training]) -> list[Choice]:
 # ---- data --------------------------------------------------------------------------------------
 def load_store(path: Path, quantized: bool) -> Store:
     from apq_lightning.data import SubnetSampleDataModule
-    from apq_lightning.data.samples import arch_keys
+    from apq_lightning.data.splits import arch_keys
     from apq_lightning.space import get_space
 
     dm = SubnetSampleDataModule([str(path)], quantized=quantized, val_fraction=0.0, test_fraction=0.0)
@@ -186,7 +186,7 @@ def fit(space: str, quantized: bool, training: Training, data: tuple, seed: int,
         transfer: Any = None, **overrides: Any) -> Any:
     """A ``PredictorModule`` of ``training`` fitted to ``data`` = (features, accuracies, archs);
     with a step budget, on the data minus an inner architecture-grouped validation split."""
-    from apq_lightning.data.samples import SplitRule
+    from apq_lightning.data.splits import SplitRule
     from apq_lightning.modules import PredictorModule
     from apq_lightning.study.run import fit_predictor
 

@@ -23,7 +23,7 @@ from apq_lightning.callbacks import PredictorScatter
 from apq_lightning.cli import main as cli_main
 from apq_lightning.collection.record import TornLineWarning
 from apq_lightning.data import SubnetSampleDataModule
-from apq_lightning.data.samples import arch_key
+from apq_lightning.data.splits import arch_key
 from apq_lightning.encoding import get_encoder
 from apq_lightning.metrics import (
     PREDICTOR_METRICS,
@@ -890,7 +890,7 @@ def test_only_the_bit_part_learns_after_a_transfer(tmp_path):
 
 
 def _val_archs(dm: SubnetSampleDataModule) -> list[str]:
-    from apq_lightning.data.samples import arch_keys
+    from apq_lightning.data.splits import arch_keys
 
     return arch_keys(get_space(dm.space), dm.dataset("val").genomes)
 
@@ -918,7 +918,7 @@ def test_val_split_meets_its_minimums_by_architecture(tmp_path):
         assert 2 * len(archs) <= len(archs) + len(dm.dataset("train"))  # never more than half of train + val
         owner: dict[str, set[str]] = {}
         for split in ("train", "val", "test"):
-            from apq_lightning.data.samples import arch_keys
+            from apq_lightning.data.splits import arch_keys
 
             for key in arch_keys(get_space("tiny"), dm.dataset(split).genomes):
                 owner.setdefault(key, set()).add(split)
@@ -928,7 +928,7 @@ def test_val_split_meets_its_minimums_by_architecture(tmp_path):
 
 
 def test_a_store_too_small_for_the_val_minimums_warns(tmp_path):
-    from apq_lightning.data.samples import SmallValidationSplitWarning
+    from apq_lightning.data.splits import SmallValidationSplitWarning
 
     write_store(tmp_path / "mp.jsonl", "tiny", "mp_random", 24)
     with pytest.warns(SmallValidationSplitWarning, match=r"holds \d+ sample\(s\) of \d+ architecture\(s\), fewer than"):

@@ -13,7 +13,8 @@ from apq_lightning.data.datamodule import ImageDataModule
 from apq_lightning.data.datasets import DATASET_STATS, DATASETS, ArrayDataset
 from apq_lightning.data.imagetree import default_cache_dir
 from apq_lightning.data.sample_indices import IndexDataset, SampleIndexDataModule
-from apq_lightning.data.samples import SampleDataset, SubnetSampleDataModule, arch_key
+from apq_lightning.data.samples import SampleDataset, SubnetSampleDataModule
+from apq_lightning.data.splits import arch_key
 
 __all__ = [
     "DATASET_STATS", "DATASETS", "ArrayDataset", "ImageDataModule", "IndexDataset", "SampleDataset",
