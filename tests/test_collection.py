@@ -339,6 +339,17 @@ def test_index_datamodule_holds_its_output_dir_until_predicting_ends(tmp_path: P
     assert dm.store_path(1) == store_path(out, 1) == out / "samples.rank1.jsonl"
 
 
+def test_index_datamodule_collects_exactly_the_given_indices(tmp_path: Path):
+    dm = SampleIndexDataModule(num_samples=2, output_dir=str(tmp_path / "some"), indices=[9, 3, 3, 40])
+    try:
+        assert dm.plan(None) == [3, 9, 40]  # sorted, once each, num_samples ignored
+    finally:
+        dm.release()
+    for bad in ([], [-1], [1.5], [True]):
+        with pytest.raises(ValueError, match="indices must be a non-empty list of integers >= 0"):
+            SampleIndexDataModule(output_dir=str(tmp_path / "bad"), indices=bad)
+
+
 # ------------------------------------------------------------------------------- sampling
 def test_index_to_subnet_is_a_function_of_seed_and_index():
     assert fp_subnet("tiny", 3, 7) == fp_subnet("tiny", 3, 7)

@@ -77,6 +77,8 @@ class SampleIndexDataModule(ImageDataModule):
     Args:
         num_samples: collect indices ``0 … num_samples-1`` (raising it later and rerunning
             collects only the new ones).
+        indices: collect exactly these indices instead (e.g. re-measure chosen samples of one
+            store under another protocol: the same seed and sampling give the same subnets).
         output_dir: where the store files ``samples.rank{r}.jsonl`` are written (by
             :class:`~apq_lightning.collection.SampleWriter`) and read back for resuming; locked
             for this run (see the module docstring).
@@ -88,6 +90,7 @@ class SampleIndexDataModule(ImageDataModule):
         self,
         num_samples: int = 100,
         output_dir: str = "runs/collect",
+        indices: list[int] | None = None,
         resume: bool = True,
         dataset: str = "digits",
         root: str | None = None,
@@ -104,6 +107,10 @@ class SampleIndexDataModule(ImageDataModule):
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        if indices is not None:
+            bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+            if not indices or bad:
+                raise ValueError(f"indices must be a non-empty list of integers >= 0, got {indices!r}")
         if not output_dir:
             raise ValueError("output_dir must name a directory for the sample store (e.g. runs/collect_fp_tiny)")
         if dataset == "cifar10" and root is None and not download:
@@ -126,6 +133,7 @@ class SampleIndexDataModule(ImageDataModule):
             train_subset=train_subset,
         )
         self.num_samples = num_samples
+        self.indices = None if indices is None else sorted(set(indices))
         self.output_dir = Path(output_dir)
         self.resume = resume
         self.done: set[int] = set()
@@ -178,7 +186,8 @@ class SampleIndexDataModule(ImageDataModule):
         return read_store_dir(self.output_dir)
 
     def plan(self, identity: dict[str, Any] | None) -> list[int]:
-        """All indices still to collect (not yet in ``output_dir``), ascending."""
+        """The indices still to collect, ascending: ``indices`` (else ``0 … num_samples-1``) not yet in
+        ``output_dir``."""
         records = self.existing_records()
         if records and not self.resume:
             raise ValueError(
@@ -189,7 +198,8 @@ class SampleIndexDataModule(ImageDataModule):
             for r in records:
                 check_same_measurement(r, identity, self.output_dir)
         self.done = {r.index for r in records}
-        self.todo = [i for i in range(self.num_samples) if i not in self.done]
+        wanted = self.indices if self.indices is not None else range(self.num_samples)
+        self.todo = [i for i in wanted if i not in self.done]
         return self.todo
 
     def predict_dataloader(self) -> DataLoader:
@@ -202,9 +212,11 @@ class SampleIndexDataModule(ImageDataModule):
         lightning_shards = trainer is not None and world > 1 and trainer._accelerator_connector.use_distributed_sampler
         mine = todo if (world == 1 or lightning_shards) else todo[rank::world]
         if trainer is not None and trainer.is_global_zero:
+            wanted = len(self.indices) if self.indices is not None else self.num_samples
             print(
-                f"sample collection: {len(self.done)} of {self.num_samples} samples already in "
-                f"{self.output_dir}, {len(todo)} to collect" + (f" on {world} processes" if world > 1 else ""),
+                f"sample collection: {len(self.done)} samples already in "
+                f"{self.output_dir}, {len(todo)} of the {wanted} wanted to collect"
+                + (f" on {world} processes" if world > 1 else ""),
                 flush=True,
             )
         return DataLoader(IndexDataset(mine), batch_size=1, shuffle=False, num_workers=0, collate_fn=_collate_indices)
