@@ -35,6 +35,15 @@ from pathlib import Path
 import yaml
 
 from apq_lightning.cli import STAGES
+from apq_lightning.final.results import (
+    Budget,
+    accuracy_vs_latency_plot,
+    budget_constraints,
+    budget_name,
+    results_rows,
+    results_table,
+    seed_run_dir,
+)
 from apq_lightning.locks import RunLockedError, run_lock
 from apq_lightning.outputs import write_json
 
@@ -50,7 +59,7 @@ class Preset:
     predictor_fp: str
     predictor_mp: str
     finetune: str
-    budgets: tuple[float, ...]  # BitFusion latency budgets (ms) of the searches
+    budgets: tuple[Budget, ...]  # of the searches: BitFusion latency in ms, or "latency_ms=X+energy_mJ=Y"
     fp_samples: int
     mp_samples: int
     generations: int
@@ -62,6 +71,10 @@ class Preset:
     transfer_sizes: str = "8,16,all"
     transfer_seeds: str = "0,1"
     transfer_epochs: int = 60
+    # Finetune seeds of every finetuned method (APQ, fixed precision, sequential): paired differences to APQ
+    # with their standard error. Empty: one finetune with the recipe's seed.
+    finetune_seeds: tuple[int, ...] = ()
+    float_reference: bool = False  # also finetune every finetuned subnet unquantized (what quantization costs)
     needs_data: bool = True  # the recipes read a dataset given with --data (tiny: scikit-learn's digits, built in)
 
     def args(self, stage: str) -> tuple[str, ...]:
@@ -220,10 +233,6 @@ class DoneLedger:
         write_json(self.path, {**self._read(), step.text: {"key": key, "outputs": outputs}})
 
 
-def _budget_name(ms: float) -> str:
-    return f"latency_ms={ms:g}"
-
-
 def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = None) -> dict[str, float]:
     """Run the seven stages (and the transfer study); returns the wall time of each (seconds).
 
@@ -288,88 +297,49 @@ def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = N
                                  str(p.transfer_epochs), "--out", str(study), *p.args("transfer_study")),
                                 outputs=(str(study / "transfer_study.json"),), inputs=fp_stores + mp_stores))
     searches = []
-    for ms in p.budgets:
-        res = out / "search" / f"{_budget_name(ms)}.json"
-        searches.append((ms, res))
+    for b in p.budgets:
+        name = budget_name(b)
+        limits = tuple(a for c in budget_constraints(b) for a in ("--constraint", c))
+        res = out / "search" / f"{name}.json"
+        searches.append((b, res))
         if not (res.is_file() and res.with_suffix(".png").is_file()):
-            stage(f"{STAGE['6']} {_budget_name(ms)}", Step((
-                "search", "--predictor", str(mp_ckpt), "--hardware", "bitfusion", "--constraint", _budget_name(ms),
+            stage(f"{STAGE['6']} {name}", Step((
+                "search", "--predictor", str(mp_ckpt), "--hardware", "bitfusion", *limits,
                 "--generations", str(p.generations), "--seed", "0", "--out", str(res),
                 "--plot", str(res.with_suffix(".png"))), outputs=(str(res), str(res.with_suffix(".png")))))
     finetune = (*data, *p.args("finetune"))
-    for ms, res in searches:
-        final = out / "final" / _budget_name(ms)
-        stage(f"{STAGE['7']} {_budget_name(ms)}", Step((
-            "final", "--search", str(res), "--supernet", str(supernet_ckpt), "--recipe", p.recipe("finetune"),
-            "--out", str(final), "--table", str(out / "final" / "report"), *finetune),
-            outputs=(str(final / "final.json"),)))
-    for ms in p.budgets:
+    seeds = p.finetune_seeds
+    for b, res in searches:
+        name = budget_name(b)
+        final = out / "final" / name
+        runs = [Step(("final", "--search", str(res), "--supernet", str(supernet_ckpt), "--recipe",
+                      p.recipe("finetune"), "--out", str(seed_run_dir(final, s, seeds)), "--table",
+                      str(out / "final" / "report"), *finetune,
+                      *(() if s is None else ("--seed_everything", str(s)))),
+                     outputs=(str(seed_run_dir(final, s, seeds) / "final.json"),)) for s in (seeds or (None,))]
+        if p.float_reference:  # APQ's subnet unquantized, the first seed
+            runs.append(Step(("final", "--search", str(res), "--supernet", str(supernet_ckpt), "--recipe",
+                              p.recipe("finetune"), "--out", f"{final}.float", "--label", "APQ (float)", "--no-onnx",
+                              "--table", str(out / "final" / "report"), *finetune, "--model.policy", "float",
+                              *(() if not seeds else ("--seed_everything", str(seeds[0])))),
+                             outputs=(f"{final}.float/final.json",)))
+        stage(f"{STAGE['7']} {name}", *runs)
+    for b in p.budgets:
+        name = budget_name(b)
         common = ("--fp-predictor", str(fp_ckpt), "--mp-predictor", str(mp_ckpt), "--hardware", "bitfusion",
-                  "--constraint", _budget_name(ms), "--generations", str(p.generations))
-        finetuned, predicted = out / "baselines" / _budget_name(ms), out / "baselines_predicted" / _budget_name(ms)
+                  *(a for c in budget_constraints(b) for a in ("--constraint", c)), "--generations", str(p.generations))
+        finetuned, predicted = out / "baselines" / name, out / "baselines_predicted" / name
+        seeded = (("--finetune-seeds", ",".join(map(str, seeds))) if seeds else ()) + (
+            ("--float-reference",) if p.float_reference else ())
         # Fixed precision and the sequential pipeline are finetuned like APQ's subnets (achieved
         # accuracy); the largest subnet and random search are compared on predicted accuracy.
-        stage(f"{STAGE['baselines']} {_budget_name(ms)}",
+        stage(f"{STAGE['baselines']} {name}",
               Step(("baselines", *common, "--methods", "fp-search,sequential", "--bits", p.baseline_bits,
-                    "--out", str(finetuned), "--finetune", "--supernet", str(supernet_ckpt),
+                    "--out", str(finetuned), "--finetune", *seeded, "--supernet", str(supernet_ckpt),
                     "--recipe", p.recipe("finetune"), *finetune), outputs=(str(finetuned / "baselines.json"),)),
               Step(("baselines", *common, "--methods", "largest,random", "--bits", p.baseline_bits,
                     "--out", str(predicted)), outputs=(str(predicted / "baselines.json"),)))
     return times
-
-
-def _fmt(v: object, digits: int = 3) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-RESULT_COLUMNS = ("method", "budget", "predicted top-1", "achieved top-1 (after QAT)", "latency ms", "energy mJ",
-                  "GBitOps", "size kB", "search s")
-
-
-def results_rows(p: Preset, out: Path) -> list[dict]:
-    """Under each budget, APQ's searched subnet, then the baselines under that budget: one dict a
-    row (the data of ``results.json``; :func:`results_table` renders them)."""
-    rows = []
-    for ms in p.budgets:
-        f = out / "final" / _budget_name(ms) / "final.json"
-        if f.is_file():
-            r = json.loads(f.read_text())
-            r = r.get("row", r)
-            rows.append(_row("APQ (joint search)", ms, r.get("predicted_acc"), r.get("top1"), r))
-        for name in ("baselines", "baselines_predicted"):
-            b = out / name / _budget_name(ms) / "baselines.json"
-            if not b.is_file():
-                continue
-            for r in json.loads(b.read_text()).get("rows", []):
-                if r.get("method") == "apq":
-                    continue
-                rows.append(_row(r.get("method", "?"), ms, r.get("predicted_acc"), r.get("achieved_acc"), r))
-    return rows
-
-
-def _row(method: str, ms: float, pred: object, achieved: object, r: dict) -> dict:
-    bitops, size, search = r.get("bitops"), r.get("size_bytes"), r.get("search_wall_time_s")
-    within = r.get("within_budget", True)
-    status = "not runnable" if r.get("feasible") is False else ("within" if within in (True, None) else "over")
-    return {"method": method, "budget_ms": ms, "status": status, "predicted_acc": pred, "achieved_acc": achieved,
-            "latency_ms": r.get("latency_ms"), "energy_mJ": r.get("energy_mJ"),
-            "gbitops": bitops / 1e9 if bitops else None, "size_kB": size / 1e3 if size else None,
-            "search_s": float(search) if search else None}
-
-
-def results_table(rows: list[dict]) -> str:
-    """Markdown of :func:`results_rows` (the table ``make demo`` prints and ``results.md`` holds)."""
-    lines = ["| " + " | ".join(RESULT_COLUMNS) + " |", "|" + "---|" * len(RESULT_COLUMNS)]
-    for r in rows:
-        budget = f"{r['budget_ms']:g} ms" + {"within": "", "over": " (over)"}.get(r["status"], f" ({r['status']})")
-        cells = [r["method"], budget, _fmt(r["predicted_acc"]), _fmt(r["achieved_acc"]), _fmt(r["latency_ms"]),
-                 _fmt(r["energy_mJ"]), _fmt(r["gbitops"]), _fmt(r["size_kB"], 1), _fmt(r["search_s"], 2)]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def collect_plots(p: Preset, out: Path) -> Path:
@@ -424,11 +394,14 @@ def run_all(p: Preset, out: Path, data: list[str], supernet: str | None = None) 
     """
     with run_lock(out, "pipeline"):
         times = run_pipeline(p, out, data, supernet)
-        rows = results_rows(p, out)
+        rows = results_rows(p.budgets, out, p.finetune_seeds)
         table = results_table(rows)
+        figure = accuracy_vs_latency_plot(rows, out / "accuracy_vs_latency.png")
         plots = collect_plots(p, out)
         total_times = json.loads((out / "stage_times.json").read_text())
-        results = {"preset": p.name, "budgets_ms": list(p.budgets), "rows": rows, "stage_seconds_this_run": times,
+        results = {"preset": p.name, "budgets": [budget_name(b) for b in p.budgets],
+                   "finetune_seeds": list(p.finetune_seeds), "rows": rows,
+                   "accuracy_vs_latency": None if figure is None else str(figure), "stage_seconds_this_run": times,
                    "stage_seconds_all_runs": total_times, "plots": str(plots)}
         (out / "results.json").write_text(json.dumps(results, indent=1))
         stage_lines = "\n".join(f"| {k} | {times[k]:.0f} | {total_times[k]:.0f} |" for k in times)

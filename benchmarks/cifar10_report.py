@@ -27,7 +27,8 @@ if str(ROOT) not in sys.path:
 
 from apq_lightning.collection.reading import read_samples, store_files  # noqa: E402
 from apq_lightning.collection.store import merge_stores  # noqa: E402
-from apq_lightning.stages import PRESETS, results_table  # noqa: E402
+from apq_lightning.final.results import budget_label, budget_name, results_table  # noqa: E402
+from apq_lightning.stages import PRESETS  # noqa: E402
 
 PRESET = PRESETS["cifar"]
 MISSING = "_Not produced yet: the run has not reached this stage._"
@@ -59,8 +60,9 @@ def copy_plots(runs: Path, dest: Path) -> list[str]:
         (runs / "predictor_fp" / "scatter_val.png", "predictor_fp_scatter.png"),
         (runs / "predictor_mp" / "scatter_val.png", "predictor_mp_scatter.png"),
         (runs / "pipeline_cifar" / "transfer_study" / "transfer_study.png", "transfer_study.png"),
-        *((runs / "pipeline_cifar" / "search" / f"latency_ms={ms:g}.png", f"search_latency_ms={ms:g}.png")
-          for ms in PRESET.budgets),
+        *((runs / "pipeline_cifar" / "search" / f"{budget_name(b)}.png", f"search_{budget_name(b)}.png")
+          for b in PRESET.budgets),
+        (runs / "pipeline_cifar" / "accuracy_vs_latency.png", "accuracy_vs_latency.png"),
     ]
     copied = []
     for src, name in pairs:
@@ -170,7 +172,7 @@ def table2_section(runs: Path) -> str:
               "(`recipes/finetune_short.yaml`) for every method; latency and energy from the fitted BitFusion "
               "model; search s: wall time of the search on the predictors (2 CPU cores). `largest` and `random` "
               "are compared on predicted accuracy only.", "", results_table(results["rows"])]
-    searches = [f"![search {ms:g} ms](cifar10/search_latency_ms={ms:g}.png)" for ms in PRESET.budgets]
+    searches = [f"![search {budget_label(b)}](cifar10/search_{budget_name(b)}.png)" for b in PRESET.budgets]
     return "\n".join([*lines, "", *searches])
 
 
@@ -178,7 +180,7 @@ def plan_section(runs: Path) -> str:
     times = _json(runs / "pipeline_cifar" / "stage_times.json") or {}
     over = " ".join(" ".join(v) for v in PRESET.overrides.values())
     lines = ["## The run", "",
-             f"`make pipeline` (preset `cifar`): budgets {', '.join(f'{b:g} ms' for b in PRESET.budgets)} on "
+             f"`make pipeline` (preset `cifar`): budgets {', '.join(budget_label(b) for b in PRESET.budgets)} on "
              f"BitFusion, {PRESET.fp_samples} FP samples, {PRESET.mp_samples} MP samples, "
              f"{PRESET.generations} generations × 100, fixed-precision baselines at {PRESET.baseline_bits} bits; "
              f"recipe overrides `{over}`.", ""]

@@ -86,6 +86,26 @@ def spanning(items: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
     return sorted(chosen, key=lambda it: it["index"])
 
 
+def choose_pairs(pool: list[SampleRecord], n: int, pool_size: int | None, saved: Path) -> list[dict[str, Any]]:
+    """The pairs of this study: chosen once (:func:`spanning`) and kept in ``saved`` for reruns."""
+    if saved.is_file():
+        doc = json.loads(saved.read_text())
+        if doc["pairs_wanted"] == n and doc["pool_size"] == pool_size:
+            return doc["pairs"]
+        raise SystemExit(f"{saved} holds {doc['pairs_wanted']} pairs from a pool of {doc['pool_size']}; use another "
+                         f"--out for --pairs {n} --pool-size {pool_size}")
+    if pool_size is not None:
+        have = {r.index for r in pool}
+        missing = [i for i in range(pool_size) if i not in have]
+        if missing:
+            raise SystemExit(f"the pool lacks {len(missing)} of its first {pool_size} indices (e.g. {missing[:5]}): "
+                             "collect them first, or lower --pool-size")
+        pool = [r for r in pool if r.index < pool_size]
+    pairs = spanning(describe(pool), n)
+    write_json(saved, {"pairs_wanted": n, "pool_size": pool_size, "pairs": pairs})
+    return pairs
+
+
 # ---- 2. labels ---------------------------------------------------------------------------------
 def collect_labels(protocol: str, pool: list[SampleRecord], indices: list[int], out: Path, data: list[str],
                    supernet: str, recipe: str, extra: list[str]) -> Path:
@@ -249,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocol", action="append", default=None, help="protocols to compare (repeat); default: "
                     "short_qat and qfa")
     ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--pool-size", type=int, default=None, help="choose among the pool's indices below this only "
+                    "(a pool still being collected gives the same pairs on every rerun)")
     ap.add_argument("--recipe", default="recipes/finetune_short.yaml", help="the deployed finetune")
     ap.add_argument("--collect-recipe", default="recipes/collect_mp.yaml")
     ap.add_argument("--collect-args", nargs="*", default=[], help="extra collection options for every protocol "
@@ -267,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     if not pool:
         ap.error(f"--pool {args.pool} holds no samples")
     pool_protocol = pool[0].protocol.get("protocol")
-    chosen = spanning(describe(pool), args.pairs)
+    chosen = choose_pairs(pool, args.pairs, args.pool_size, out / "pairs.json")
     indices = [c["index"] for c in chosen]
     print(f"{len(chosen)} pairs: indices {indices}", flush=True)
     labels: dict[str, dict[int, SampleRecord]] = {}

@@ -330,6 +330,21 @@ def test_baselines_bad_input_is_one_line_and_exit_2(assets, tmp_path, capsys):
     assert not (tmp_path / "bl").exists()  # every error came before any search or finetune
 
 
+def test_baselines_finetune_seeds_are_checked_before_any_search(assets, tmp_path, capsys):
+    base = ["baselines", "--fp-predictor", str(assets["fp"]), "--mp-predictor", str(assets["mp"]), "--constraint",
+            "latency_ms=1", "--out", str(tmp_path / "bl")]
+    tune = ["--finetune", "--supernet", str(assets["supernet"]), "--recipe", str(TINY_RECIPE)]
+    for extra, message in ((["--finetune-seeds", "0,1"], "need --finetune"),
+                           (["--float-reference"], "need --finetune"),
+                           ([*tune, "--finetune-seeds", "0,x"], "expected comma-separated integers"),
+                           ([*tune, "--finetune-seeds", "1,1"], "give distinct seeds"),
+                           ([*tune, "--finetune-seeds", "0,1", "--seed_everything", "3"], "give one or the other")):
+        with pytest.raises(SystemExit) as err:
+            cli_main([*base, *extra])
+        assert err.value.code == 2 and message in capsys.readouterr().err, extra
+    assert not (tmp_path / "bl").exists()
+
+
 @pytest.mark.slow
 def test_baselines_finetune_adds_achieved_accuracy(assets, tmp_path):
     out = tmp_path / "bl"

@@ -18,8 +18,9 @@ import yaml
 from test_inputs import assert_one_line
 
 from apq_lightning import stages
+from apq_lightning.final.results import results_rows, results_table
 from apq_lightning.locks import run_lock
-from apq_lightning.stages import PRESETS, main, results_rows, results_table, run_pipeline
+from apq_lightning.stages import PRESETS, main, run_pipeline
 
 
 def test_run_dirs_and_stores_come_from_the_recipes():
@@ -70,7 +71,7 @@ def test_results_table_rows_per_budget(tmp_path):
         {"method": "largest@4bit", "predicted_acc": 0.7, "feasible": False, "within_budget": False},
         {"method": "largest@8bit", "predicted_acc": 0.7, "latency_ms": 1.9, "within_budget": False},
     ]}))
-    rows = results_rows(p, out)
+    rows = results_rows(p.budgets, out)
     assert rows[0]["method"] == "APQ (joint search)" and rows[0]["achieved_acc"] == 0.95 and rows[0]["gbitops"] == 0.2
     assert [r["status"] for r in rows] == ["within", "within", "not runnable", "over"]
     json.dumps(rows)  # the rows are results.json's data: plain JSON

@@ -156,6 +156,11 @@ def _baselines_parser() -> argparse.ArgumentParser:
                    "runs/baselines/<budget>)")
     p.add_argument("--finetune", action="store_true", help="finalise every subnet (apq final) and add its test "
                    "top-1 as achieved_acc")
+    p.add_argument("--finetune-seeds", default=None, help="with --finetune: finetune every subnet once per seed "
+                   "(comma list, e.g. 0,1,2; --seed_everything of each run); achieved_acc is their mean, "
+                   "achieved_accs each seed's (default: one run with the recipe's seed)")
+    p.add_argument("--float-reference", action="store_true", help="with --finetune: also finetune every subnet "
+                   "unquantized (--model.policy float, the first seed) as float_acc: what quantization costs")
     _add_final_options(p, required=False)
     return p
 
@@ -184,6 +189,17 @@ def baselines_main(argv: Sequence[str]) -> int:
         parser.error(f"{overrides[0]} is a recipe option: it needs --finetune")
     if args.finetune and not (args.supernet and args.recipe):
         parser.error("--finetune needs --supernet CKPT and --recipe RECIPE")
+    if (args.finetune_seeds is not None or args.float_reference) and not args.finetune:
+        parser.error("--finetune-seeds and --float-reference need --finetune")
+    if args.finetune_seeds is not None:
+        try:
+            args.finetune_seeds = _int_list(args.finetune_seeds, "--finetune-seeds")
+        except ValueError as err:
+            parser.error(str(err))
+        if not args.finetune_seeds or len(set(args.finetune_seeds)) != len(args.finetune_seeds):
+            parser.error(f"--finetune-seeds {','.join(map(str, args.finetune_seeds))}: give distinct seeds")
+        if any(a.split("=", 1)[0] == "--seed_everything" for a in overrides):
+            parser.error("--seed_everything is set per run by --finetune-seeds; give one or the other")
     from apq_lightning.search.baselines import Baselines, BaselineSettings
     from apq_lightning.search.command import load_predictor
     from apq_lightning.search.runner import SearchSettings
@@ -234,8 +250,11 @@ def _check_finetune(args: argparse.Namespace, overrides: list[str], space: str, 
 def _finetune_rows(rows: list[Any], args: argparse.Namespace, overrides: list[str], out: Path, budget: Any,
                    log: Any) -> int:
     from apq_lightning.final.pipeline import run_final
+    from apq_lightning.final.results import seed_run_dir
 
     status = 0
+    seeds: tuple[int, ...] | None = args.finetune_seeds
+    table = out / "final" / "report"
     for row in rows:
         if row.subnet is None:
             continue
@@ -246,10 +265,23 @@ def _finetune_rows(rows: list[Any], args: argparse.Namespace, overrides: list[st
                              predicted_acc=row.predicted_acc, search_wall_time_s=row.search_wall_time_s or None,
                              hardware=args.hardware, budget=budget.to_dict())
         run_dir = out / "final" / _safe(row.method)
-        result = run_final(target, _settings(args, run_dir, overrides, out / "final" / "report"), log=log,
-                           enforce_budget=False)
-        row.achieved_acc, row.final_run = result.get("top1"), str(run_dir)
-        status = max(status, 0 if args.no_onnx else _onnx_status(result))
+        accs = []
+        for seed in seeds or (None,):
+            extra = [] if seed is None else ["--seed_everything", str(seed)]
+            result = run_final(target, _settings(args, seed_run_dir(run_dir, seed, seeds), [*overrides, *extra], table),
+                               log=log, enforce_budget=False)
+            accs.append(result.get("top1"))
+            status = max(status, 0 if args.no_onnx else _onnx_status(result))
+        row.achieved_accs = accs if seeds else []
+        row.achieved_acc = accs[0] if len(accs) == 1 else sum(accs) / len(accs)
+        row.final_run = str(run_dir)
+        if args.float_reference:
+            extra = [] if not seeds else ["--seed_everything", str(seeds[0])]
+            settings = dataclasses.replace(
+                _settings(args, run_dir.with_name(f"{run_dir.name}.float"), [*overrides, *extra, "--model.policy",
+                                                                              "float"], table), onnx=False)
+            row.float_acc = run_final(dataclasses.replace(target, label=f"{row.method} (float)"), settings, log=log,
+                                      enforce_budget=False).get("top1")
     return status
 
 
@@ -269,7 +301,8 @@ def _write_baselines(out: Path, doc: dict[str, Any], rows: list[Any], budget: An
     from apq_lightning.search.baselines import table_rows
 
     flat = table_rows(rows)
-    columns = [c for c in flat[0] if c != "achieved_acc" or doc["settings"]["finetune"]] if flat else []
+    optional = ("achieved_acc", "achieved_std", "float_acc")  # shown when some row has one
+    columns = [c for c in flat[0] if c not in optional or any(r[c] is not None for r in flat)] if flat else []
     table = markdown_table(flat, columns)
     write_json(out / "baselines.json", doc)
     (out / "baselines.md").write_text(f"# Baselines: {budget} on {hardware} ({space})\n\npredicted_acc: the MP "

@@ -28,6 +28,7 @@ bits, it holds them at the widest uniform *width level* that can (level ``l`` = 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -92,14 +93,16 @@ class BaselineRow:
     error: str | None = None  # why the method has no subnet (e.g. 8 bits cannot meet the budget)
     note: str | None = None  # e.g. why the hardware cannot run the subnet
     stages: list[dict[str, Any]] = field(default_factory=list)  # sequential: each stage's answer
-    achieved_acc: float | None = None  # top-1 on the test split after the final finetune (when asked)
+    achieved_acc: float | None = None  # top-1 on the test split after the final finetune (when asked; the seeds' mean)
+    achieved_accs: list[float] = field(default_factory=list)  # one per finetune seed (--finetune-seeds)
+    float_acc: float | None = None  # the same subnet finetuned unquantized (--float-reference)
     final_run: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": self.method,
                                "subnet": None if self.subnet is None else self.subnet.to_dict()}
         for k in ("predicted_acc", "search_score", *COST_METRICS, "feasible", "within_budget", "predictor_calls",
-                  "search_wall_time_s", "achieved_acc", "final_run", "error", "note"):
+                  "search_wall_time_s", "achieved_acc", "achieved_accs", "float_acc", "final_run", "error", "note"):
             v = getattr(self, k)
             out[k] = None if isinstance(v, float) and not math.isfinite(v) else v
         if self.stages:
@@ -272,6 +275,8 @@ def table_rows(rows: Sequence[BaselineRow]) -> list[dict[str, Any]]:
             "subnet": "" if r.subnet is None else f"{r.subnet.key()} d{list(r.subnet.depths)}",
             "predicted_acc": d["predicted_acc"],
             "achieved_acc": d["achieved_acc"],
+            "achieved_std": statistics.stdev(r.achieved_accs) if len(r.achieved_accs) > 1 else None,
+            "float_acc": r.float_acc,
             "latency_ms": d["latency_ms"],
             "energy_mJ": d["energy_mJ"],
             "GBitOps": None if r.bitops is None else r.bitops / 1e9,

@@ -1,0 +1,109 @@
+"""The pipeline's results (apq_lightning.final.results): budgets, seeds paired with APQ's, the float
+reference, the table and the accuracy-vs-latency figure; and the driver's commands for them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+from test_stages import FakeApq
+
+from apq_lightning import stages
+from apq_lightning.final.results import (
+    accuracy_vs_latency_plot,
+    budget_constraints,
+    budget_label,
+    budget_name,
+    paired_difference,
+    results_rows,
+    results_table,
+    seed_run_dir,
+)
+from apq_lightning.stages import PRESETS, run_pipeline
+
+ENERGY = "latency_ms=0.7+energy_mJ=0.5"
+
+
+def test_budgets_name_their_constraints():
+    assert budget_constraints(0.45) == ("latency_ms=0.45",) and budget_name(0.45) == "latency_ms=0.45"
+    assert budget_constraints(ENERGY) == ("latency_ms=0.7", "energy_mJ=0.5") and budget_name(ENERGY) == ENERGY
+    assert budget_label(ENERGY) == "0.7 ms + 0.5 mJ" and budget_label(1.0) == "1 ms"
+    with pytest.raises(ValueError, match="expected a latency in ms or NAME=V"):
+        budget_constraints("fast")
+    runs = Path("final/b")
+    assert [seed_run_dir(runs, s, (0, 1, 2)) for s in (0, 1, 2)] == [runs, Path("final/b.seed1"), Path("final/b.seed2")]
+    assert seed_run_dir(runs, None, ()) == runs
+
+
+def test_paired_difference_is_over_matching_seeds():
+    mean, se = paired_difference([0.78, 0.81, 0.79], [0.80, 0.82, 0.81])
+    diffs = [-0.02, -0.01, -0.02]
+    assert mean == pytest.approx(statistics.mean(diffs)) and se == pytest.approx(statistics.stdev(diffs) / math.sqrt(3))
+    assert paired_difference([0.7, 0.8], [0.7]) == (None, None)
+    assert paired_difference([0.7], [0.6])[1] is None
+
+
+def _write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc))
+
+
+def test_rows_pair_every_seed_with_apqs_and_show_the_float_reference(tmp_path):
+    out, seeds = tmp_path, (0, 1, 2)
+    for b, accs in ((0.45, (0.70, 0.72, 0.71)), (ENERGY, (0.80, 0.82, 0.81))):
+        for s, acc in zip(seeds, accs):
+            _write(seed_run_dir(out / "final" / budget_name(b), s, seeds) / "final.json",
+                   {"top1": acc, "predicted_acc": 0.8, "latency_ms": 0.4 if b == 0.45 else 0.66, "energy_mJ": 0.45,
+                    "bitops": 2e8, "size_bytes": 1e5})
+        _write(out / "baselines" / budget_name(b) / "baselines.json", {"rows": [
+            {"method": "fp-search@8bit", "predicted_acc": 0.78, "achieved_acc": 0.0, "float_acc": 0.85,
+             "achieved_accs": [a - 0.02 + 0.01 * (s == 1) for s, a in zip(seeds, accs)], "latency_ms": 0.6},
+            {"method": "fp-search@4bit", "achieved_accs": [0.5, 0.6], "latency_ms": 0.3},  # a seed missing
+        ]})
+    _write(out / "final" / f"{ENERGY}.float" / "final.json", {"top1": 0.86})
+    rows = results_rows((0.45, ENERGY), out, seeds)
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("APQ (joint search)", "latency_ms=0.45"), ("fp-search@8bit", "latency_ms=0.45"),
+        ("fp-search@4bit", "latency_ms=0.45"), ("APQ (joint search)", ENERGY), ("fp-search@8bit", ENERGY),
+        ("fp-search@4bit", ENERGY)]
+    apq, fp8, fp4 = rows[3:]
+    assert apq["achieved_acc"] == pytest.approx(0.81) and apq["achieved_std"] == pytest.approx(0.01)
+    assert apq["float_acc"] == 0.86 and rows[0]["float_acc"] is None and apq["budget_ms"] == 0.7
+    assert fp8["achieved_acc"] == pytest.approx(0.81 - 0.02 + 0.01 / 3)  # the seeds' mean, not the doc's field
+    assert fp8["diff_vs_apq"] == pytest.approx(-0.02 + 0.01 / 3)
+    assert fp8["diff_se"] == pytest.approx(statistics.stdev([-0.02, -0.01, -0.02]) / math.sqrt(3))
+    assert fp4["diff_vs_apq"] is None  # not the same seeds: no paired difference
+    json.dumps(rows)
+    lines = results_table(rows).splitlines()
+    assert lines[0].endswith("| Δ vs APQ (paired ± SE) | float top-1 |")
+    assert lines[5].startswith(f"| APQ (joint search) | 0.7 ms + 0.5 mJ | 0.800 | 0.810 ± 0.010 (n=3) |")
+    assert lines[5].endswith("| - | 0.860 |") and lines[6].endswith("| -0.017 ± 0.003 | 0.850 |")
+    png = accuracy_vs_latency_plot(rows, tmp_path / "fig" / "accuracy_vs_latency.png")
+    assert png is not None and png.stat().st_size > 5000
+    assert accuracy_vs_latency_plot([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_driver_finetunes_every_seed_the_float_reference_and_energy_budgets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake = FakeApq()
+    monkeypatch.setattr(stages, "_apq", fake)
+    p = dataclasses.replace(PRESETS["tiny"], budgets=(0.45, ENERGY), finetune_seeds=(0, 1, 2), float_reference=True)
+    run_pipeline(p, tmp_path / "out", [])
+    calls = [c for c in fake.calls if c[0] in ("search", "final", "baselines")]
+    searches = [c for c in calls if c[0] == "search"]
+    assert [c.count("--constraint") for c in searches] == [1, 2]
+    assert "energy_mJ=0.5" in searches[1] and searches[1][searches[1].index("--out") + 1].endswith(f"{ENERGY}.json")
+    finals = [(Path(c[c.index("--out") + 1]).name, c[c.index("--seed_everything") + 1]) for c in calls
+              if c[0] == "final"]
+    assert finals == [("latency_ms=0.45", "0"), ("latency_ms=0.45.seed1", "1"), ("latency_ms=0.45.seed2", "2"),
+                      ("latency_ms=0.45.float", "0"), (ENERGY, "0"), (f"{ENERGY}.seed1", "1"), (f"{ENERGY}.seed2", "2"),
+                      (f"{ENERGY}.float", "0")]
+    floats = [c for c in calls if c[0] == "final" and c[c.index("--out") + 1].endswith(".float")]
+    assert all(c[c.index("--model.policy") + 1] == "float" and "--no-onnx" in c for c in floats)
+    tuned = [c for c in calls if c[0] == "baselines" and "--finetune" in c]
+    assert len(tuned) == 2 and all(c[c.index("--finetune-seeds") + 1] == "0,1,2" and "--float-reference" in c
+                                   for c in tuned)
