@@ -80,7 +80,7 @@ def test_rows_pair_every_seed_with_apqs_and_show_the_float_reference(tmp_path):
     json.dumps(rows)
     lines = results_table(rows).splitlines()
     assert lines[0].endswith("| Δ vs APQ (paired ± SE) | float top-1 |")
-    assert lines[5].startswith(f"| APQ (joint search) | 0.7 ms + 0.5 mJ | 0.800 | 0.810 ± 0.010 (n=3) |")
+    assert lines[5].startswith("| APQ (joint search) | 0.7 ms + 0.5 mJ | 0.800 | 0.810 ± 0.010 (n=3) |")
     assert lines[5].endswith("| - | 0.860 |") and lines[6].endswith("| -0.017 ± 0.003 | 0.850 |")
     png = accuracy_vs_latency_plot(rows, tmp_path / "fig" / "accuracy_vs_latency.png")
     assert png is not None and png.stat().st_size > 5000
