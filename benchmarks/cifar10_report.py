@@ -171,7 +171,16 @@ def table2_section(runs: Path) -> str:
     lines += ["Top-1 on the 10,000 CIFAR-10 test images after the same 300-step QAT finetune "
               "(`recipes/finetune_short.yaml`) for every method; latency and energy from the fitted BitFusion "
               "model; search s: wall time of the search on the predictors (2 CPU cores). `largest` and `random` "
-              "are compared on predicted accuracy only.", "", results_table(results["rows"])]
+              "are compared on predicted accuracy only.", ""]
+    seeds = results.get("finetune_seeds") or []
+    if seeds:
+        lines += [f"Every finetuned method ran with seeds {', '.join(map(str, seeds))} (mean ± std, n); "
+                  "Δ vs APQ is the paired difference (seed k of the method minus seed k of APQ, the same test "
+                  "images) with its standard error over the seeds: a margin is a result only when it is larger "
+                  "than about two standard errors. float top-1: the same subnet finetuned unquantized.", ""]
+    lines.append(results_table(results["rows"]))
+    if results.get("accuracy_vs_latency"):
+        lines += ["", "![accuracy vs latency](cifar10/accuracy_vs_latency.png)"]
     searches = [f"![search {budget_label(b)}](cifar10/search_{budget_name(b)}.png)" for b in PRESET.budgets]
     return "\n".join([*lines, "", *searches])
 
