@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
@@ -32,3 +34,23 @@ class AutoWandbLogger(WandbLogger):
         if offline is None:
             offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not wandb_logged_in()
         super().__init__(offline=offline, project=project, **kwargs)
+
+
+def log_images(images: Mapping[str, Path], name: str, save_dir: Path, project: str = "apq-lightning") -> str | None:
+    """Log PNGs as one W&B run (offline unless logged in, as :class:`AutoWandbLogger`); returns the
+    run's directory, or None when ``WANDB_MODE=disabled`` or there is nothing to log. For figures a
+    driver draws outside any Lightning run (the pipeline's accuracy-vs-latency figure)."""
+    images = {k: Path(v) for k, v in images.items() if v is not None and Path(v).is_file()}
+    if not images or os.environ.get("WANDB_MODE") == "disabled":
+        return None
+    import wandb
+
+    offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_logged_in()
+    save_dir.mkdir(parents=True, exist_ok=True)
+    run = wandb.init(project=project, name=name, dir=str(save_dir), mode="offline" if offline else "online",
+                     reinit="create_new")
+    try:
+        run.log({k: wandb.Image(str(v)) for k, v in images.items()})
+        return str(run.dir)
+    finally:
+        run.finish()

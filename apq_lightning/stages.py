@@ -45,6 +45,7 @@ from apq_lightning.final.results import (
     seed_run_dir,
 )
 from apq_lightning.locks import RunLockedError, run_lock
+from apq_lightning.loggers import log_images
 from apq_lightning.outputs import write_json
 
 
@@ -400,6 +401,8 @@ def run_all(p: Preset, out: Path, data: list[str], supernet: str | None = None) 
         rows = results_rows(p.budgets, out, p.finetune_seeds)
         table = results_table(rows)
         figure = accuracy_vs_latency_plot(rows, out / "accuracy_vs_latency.png")
+        if figure is not None:
+            log_images({"pipeline/accuracy_vs_latency": figure}, f"pipeline_{p.name}", out)
         plots = collect_plots(p, out)
         total_times = json.loads((out / "stage_times.json").read_text())
         results = {"preset": p.name, "budgets": [budget_name(b) for b in p.budgets],

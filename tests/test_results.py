@@ -107,3 +107,25 @@ def test_driver_finetunes_every_seed_the_float_reference_and_energy_budgets(tmp_
     tuned = [c for c in calls if c[0] == "baselines" and "--finetune" in c]
     assert len(tuned) == 2 and all(c[c.index("--finetune-seeds") + 1] == "0,1,2" and "--float-reference" in c
                                    for c in tuned)
+
+
+def test_figures_are_logged_to_wandb_offline(tmp_path, monkeypatch):
+    from apq_lightning.loggers import log_images
+
+    rows = results_rows((0.45,), tmp_path)  # nothing yet
+    assert rows == [] and accuracy_vs_latency_plot(rows, tmp_path / "x.png") is None
+    png = tmp_path / "fig.png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.plot([0, 1], [1, 0])
+    plt.savefig(png)
+    plt.close("all")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert log_images({"pipeline/fig": png}, "t", tmp_path / "wb") is None
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert log_images({"pipeline/fig": tmp_path / "missing.png"}, "t", tmp_path / "wb") is None
+    run_dir = Path(log_images({"pipeline/fig": png}, "t", tmp_path / "wb"))
+    assert run_dir.is_relative_to(tmp_path / "wb") and list(run_dir.rglob("*.png"))  # the image is in the run
