@@ -356,13 +356,28 @@ def test_baselines_finetune_adds_achieved_accuracy(assets, tmp_path):
     doc = json.loads((out / "baselines.json").read_text())
     assert [r["method"] for r in doc["rows"]] == ["apq", "sequential"]
     for r in doc["rows"]:
-        assert 0.0 <= r["achieved_acc"] <= 1.0
+        assert 0.0 <= r["achieved_acc"] <= 1.0 and r["achieved_accs"] == [] and r["float_acc"] is None
         final = json.loads((Path(r["final_run"]) / "final.json").read_text())
         assert final["top1"] == r["achieved_acc"] and final["predicted_acc"] == pytest.approx(r["predicted_acc"])
         assert final["weights"] == "best" and final["onnx"] is None
     assert "achieved_acc" in (out / "baselines.md").read_text()
     with open(out / "final" / "report.csv", newline="") as f:
         assert [r["method"] for r in csv.DictReader(f)] == ["apq", "sequential"]
+    # two seeds and the float reference
+    seeded = tmp_path / "seeded"
+    args[args.index("--out") + 1] = str(seeded)
+    assert cli_main([*args[:args.index("--methods")], "--methods", "sequential",
+                     *args[args.index("--methods") + 2:], "--finetune-seeds", "0,1", "--float-reference"]) == 0
+    row = json.loads((seeded / "baselines.json").read_text())["rows"][0]
+    runs = [seeded / "final" / name / "final.json" for name in ("sequential", "sequential.seed1", "sequential.float")]
+    seed0, seed1, flt = (json.loads(p.read_text()) for p in runs)
+    assert row["achieved_accs"] == [seed0["top1"], seed1["top1"]]
+    assert row["achieved_acc"] == pytest.approx((seed0["top1"] + seed1["top1"]) / 2) and row["float_acc"] == flt["top1"]
+    assert seed0["inputs"]["overrides"][-2:] == ["--seed_everything", "0"]
+    assert seed1["inputs"]["overrides"][-2:] == ["--seed_everything", "1"]
+    assert flt["inputs"]["overrides"][-2:] == ["--model.policy", "float"] and flt["method"] == "sequential (float)"
+    table = (seeded / "baselines.md").read_text()
+    assert "achieved_std" in table and "float_acc" in table
 
 
 def test_final_refuses_an_unrunnable_or_over_budget_subnet_before_training(assets, tmp_path, capsys):
