@@ -96,3 +96,23 @@ def test_shipped_apq_cifar_weights_load_safely():
     with torch.no_grad():
         out = net(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_shipped_apq_cifar_qfa_weights_load_as_a_quantized_for_all_supernet():
+    """The quantized-for-all file: small, plain data, batch-range quantizers rebuilt on load."""
+    from pathlib import Path
+
+    from apq_lightning.quant.supernet import is_batch_quantized
+
+    path = Path(__file__).resolve().parents[1] / "weights" / "apq_cifar_qfa_supernet.pt"
+    assert path.is_file() and path.stat().st_size <= 3 * 2**20
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == WEIGHTS_FORMAT and raw["space"] == "apq_cifar"
+    net = load_supernet(str(path)).eval()
+    assert is_batch_quantized(net)
+    float_net = load_supernet(str(path.with_name("apq_cifar_supernet.pt")))
+    assert not is_batch_quantized(float_net)
+    net.set_active(net.space.sample(0, quantized=True))
+    with torch.no_grad():
+        out = net(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
