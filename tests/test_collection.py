@@ -558,9 +558,11 @@ def test_qfa_protocol_scores_inside_the_supernet_and_needs_a_quant_phase(tiny_ck
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["fp", "mp_qfa"])
+@pytest.mark.parametrize(("kind", "sig"), [("fp", signal.SIGKILL), ("mp_qfa", signal.SIGKILL), ("fp", signal.SIGTERM)])
 def test_kill_9_then_rerun_loses_and_duplicates_nothing(tiny_ckpt: Path, tiny_qfa_ckpt: Path, tmp_path: Path,
-                                                        kind: str):
+                                                        kind: str, sig: int):
+    """kill -9 at a random moment; and a plain ``kill`` (SIGTERM), which must stop the collection
+    after the sample in progress (Lightning's predict loop alone would run on)."""
     out, n = tmp_path / kind, 10
     args = (_cli_args("collect_fp_tiny.yaml", tiny_ckpt, out, n) if kind == "fp" else
             _cli_args("collect_mp_tiny.yaml", tiny_qfa_ckpt, out, n, "--model.init_args.protocol", "qfa"))
@@ -576,13 +578,20 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(tiny_ckpt: Path, tiny_qf
                 break
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.5))
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
+        if sig == signal.SIGTERM:
+            proc.wait(timeout=60)  # stops by itself
     finally:
+        if proc.poll() is None:
+            proc.kill()
         proc.wait()
     before = store.read_bytes().count(b"\n") if store.is_file() else 0
     assert 0 < before < n, f"the run was not interrupted mid-way ({before} of {n} samples)"
-    with open(store, "ab") as fh:  # what a kill in the middle of a write leaves behind
-        fh.write(b'{"key":"0123')
+    if sig == signal.SIGKILL:
+        with open(store, "ab") as fh:  # what a kill in the middle of a write leaves behind
+            fh.write(b'{"key":"0123')
+    else:
+        assert store.read_bytes().endswith(b"\n")  # stopped between records
     done = subprocess.run(cmd, cwd=ROOT, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     recs = read_samples(out)

@@ -20,6 +20,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from apq_lightning.collection.record import SampleRecord
 from apq_lightning.collection.store import SampleStore, read_store_dir, store_path
@@ -90,6 +91,11 @@ class SampleWriter(BasePredictionWriter):
                 )
             self.store.append(rec)
             self.written.append(rec)
+        if trainer.received_sigterm:
+            # Lightning's fit and evaluation loops stop on SIGTERM, its predict loop does not: a
+            # collection would run on after `kill PID` for hours. Stop after the record just
+            # written (rerunning the command resumes from the next index).
+            raise SIGTERMException
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         wall = time.perf_counter() - self._t0
