@@ -273,7 +273,7 @@ def _finetune_rows(rows: list[Any], args: argparse.Namespace, overrides: list[st
             accs.append(result.get("top1"))
             status = max(status, 0 if args.no_onnx else _onnx_status(result))
         row.achieved_accs = accs if seeds else []
-        row.achieved_acc = accs[0] if len(accs) == 1 else sum(accs) / len(accs)
+        row.achieved_acc = None if None in accs else sum(accs) / len(accs)  # None: a DDP rank other than 0
         row.final_run = str(run_dir)
         if args.float_reference:
             extra = [] if not seeds else ["--seed_everything", str(seeds[0])]
