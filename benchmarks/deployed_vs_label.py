@@ -52,10 +52,12 @@ from apq_lightning.space.policy_sampling import mean_bits  # noqa: E402
 # ---- 1. pairs ----------------------------------------------------------------------------------
 def describe(records: list[SampleRecord], hardware: str = "bitfusion") -> list[dict[str, Any]]:
     """Latency, mean bits and feasibility of each record's subnet."""
-    out = []
+    out, models = [], {}
     for r in records:
         subnet = r.to_subnet()
-        costs = get_cost_model(hardware, subnet.space).costs(subnet)
+        if subnet.space not in models:  # one cost model per space, not per record
+            models[subnet.space] = get_cost_model(hardware, subnet.space)
+        costs = models[subnet.space].costs(subnet)
         out.append({"index": r.index, "kind": r.kind, "latency_ms": costs.get("latency_ms"),
                     "feasible": bool(costs.get("feasible", True)), "mean_bits": mean_bits(subnet.bits,
                                                                                            subnet.active_blocks)})
