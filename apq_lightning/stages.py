@@ -316,17 +316,17 @@ def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = N
     for b, res in searches:
         name = budget_name(b)
         final = out / "final" / name
-        runs = [Step(("final", "--search", str(res), "--supernet", str(supernet_ckpt), "--recipe",
-                      p.recipe("finetune"), "--out", str(seed_run_dir(final, s, seeds)), "--table",
-                      str(out / "final" / "report"), *finetune,
-                      *(() if s is None else ("--seed_everything", str(s)))),
-                     outputs=(str(seed_run_dir(final, s, seeds) / "final.json"),)) for s in (seeds or (None,))]
+
+        def apq_final(run: Path, seed: int | None, *extra: str, res: Path = res) -> Step:
+            return Step(("final", "--search", str(res), "--supernet", str(supernet_ckpt), "--recipe",
+                         p.recipe("finetune"), "--out", str(run), "--table", str(out / "final" / "report"), *finetune,
+                         *extra, *(() if seed is None else ("--seed_everything", str(seed)))),
+                        outputs=(str(run / "final.json"),))
+
+        runs = [apq_final(seed_run_dir(final, s, seeds), s) for s in (seeds or (None,))]
         if p.float_reference:  # APQ's subnet unquantized, the first seed
-            runs.append(Step(("final", "--search", str(res), "--supernet", str(supernet_ckpt), "--recipe",
-                              p.recipe("finetune"), "--out", f"{final}.float", "--label", "APQ (float)", "--no-onnx",
-                              "--table", str(out / "final" / "report"), *finetune, "--model.policy", "float",
-                              *(() if not seeds else ("--seed_everything", str(seeds[0])))),
-                             outputs=(f"{final}.float/final.json",)))
+            runs.append(apq_final(Path(f"{final}.float"), seeds[0] if seeds else None, "--label", "APQ (float)",
+                                  "--no-onnx", "--model.policy", "float"))
         stage(f"{STAGE['7']} {name}", *runs)
     for b in p.budgets:
         name = budget_name(b)
