@@ -280,6 +280,16 @@ def _fail(command: str, message: str) -> None:
     raise SystemExit(2)
 
 
+def _takes_argument(class_path: str, name: str) -> bool:
+    """Whether ``class_path``'s ``__init__`` accepts ``name`` (or any keyword)."""
+    import importlib
+    import inspect
+
+    module, _, attr = class_path.rpartition(".")
+    params = inspect.signature(getattr(importlib.import_module(module), attr).__init__).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 def _num_classes_of(datamodule: Any) -> int | None:
     return getattr(datamodule, "num_classes", None)
 
@@ -311,6 +321,25 @@ class APQLightningCLI(CheckedLightningCLI):
     def instantiate_classes(self) -> None:
         if self._instantiate:
             super().instantiate_classes()
+
+    def _parse_ckpt_path(self) -> None:
+        """``test/validate/predict --ckpt_path FILE`` re-read the model's hyperparameters from the
+        file (LightningCLI); drop the link target ``num_classes`` where the model's class does not
+        take it (a predictor): the saved hyperparameters carry it as ``None``, and passing it back
+        made ``apq test`` on a predictor checkpoint fail with an unexpected keyword argument."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if not ckpt or not os.path.isfile(str(ckpt)):
+            return
+        hparams = dict(read_torch_file(str(ckpt), "checkpoint", mmap=True).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        class_path = hparams.pop("_class_path", None)
+        if not hparams or class_path is None:
+            return super()._parse_ckpt_path()
+        if hparams.get("num_classes") is None and not _takes_argument(class_path, "num_classes"):
+            hparams.pop("num_classes", None)
+        model = {"class_path": class_path, "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({sub: {"model": model}}, self.config)
 
 
 def build_cli(args: list[str] | None, *, run: bool = True, instantiate: bool = True) -> APQLightningCLI:

@@ -647,7 +647,7 @@ def test_mp_recipe_fast_dev_run_with_transfer(tmp_path, monkeypatch, recipe, spa
 
 
 @pytest.mark.slow
-def test_recipe_chain_fp_then_mp_from_the_lightning_checkpoint(tmp_path, monkeypatch):
+def test_recipe_chain_fp_then_mp_from_the_lightning_checkpoint(tmp_path, monkeypatch, capsys):
     """Stage 3 then stage 5 on tiny, as documented: the MP recipe's default transfer_from is the
     FP run's last.ckpt; both checkpoints load with weights_only=True."""
     monkeypatch.chdir(tmp_path)
@@ -668,6 +668,13 @@ def test_recipe_chain_fp_then_mp_from_the_lightning_checkpoint(tmp_path, monkeyp
     fp_ckpt.unlink()  # a finished MP module loads without its FP source
     reloaded = PredictorModule.load_from_checkpoint(mp_ckpt, weights_only=True)
     torch.testing.assert_close(reloaded.predictor.state_dict(), mp.state_dict())
+    # `apq test --ckpt_path` re-reads the saved hyperparameters (the num_classes link target
+    # among them, which a predictor does not take): the checkpoint's own predictor is tested.
+    capsys.readouterr()
+    test_args = _cli("predictor_mp_tiny.yaml", tmp_path, "--data.init_args.test_fraction", "0.3",
+                     "--ckpt_path", str(mp_ckpt))
+    assert cli_main(["test", *test_args[1:]]) == 0
+    assert "test/pairwise_acc_same_arch" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------
