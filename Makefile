@@ -36,11 +36,14 @@ demo: $(STAMP)
 	$(PY) -m apq_lightning.stages --preset tiny
 
 # The same on CIFAR-10 with apq_cifar (CPU hours; rerun to resume): make pipeline DATA=path/to/cifar10-jpeg.tar.gz
-# SUPERNET=weights/apq_cifar_supernet.pt starts at stage 2 from the shipped supernet.
+# SUPERNET=weights/apq_cifar_supernet.pt QFA_SUPERNET=weights/apq_cifar_qfa_supernet.pt starts at stage 2 from
+# the shipped supernets (float: FP samples and finetunes; quantized-for-all: the MP samples).
 DATA ?= $(APQ_CIFAR_ARCHIVE)
 SUPERNET ?=
+QFA_SUPERNET ?=
 pipeline: $(STAMP)
-	$(PY) -m apq_lightning.stages --preset cifar --data $(DATA) $(if $(SUPERNET),--supernet $(SUPERNET))
+	$(PY) -m apq_lightning.stages --preset cifar --data $(DATA) $(if $(SUPERNET),--supernet $(SUPERNET)) \
+		$(if $(QFA_SUPERNET),--qfa-supernet $(QFA_SUPERNET))
 
 supernet: $(STAMP)
 	$(PY) -m apq_lightning.cli fit --config recipes/supernet_cifar.yaml --data.root $(APQ_CIFAR_ARCHIVE) --ckpt_path last

@@ -115,9 +115,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 PRESETS: dict[str, Preset] = {
     # digits, 16 px, tiny space: a few minutes on 2 CPU cores. Budgets: about the 25th and 70th
-    # percentile of random tiny subnets' BitFusion latency (fitted model).
+    # percentile of random tiny subnets' BitFusion latency (fitted model). Stage 1 ends with the
+    # quantized-for-all phase, which stage 4's `qfa` protocol scores subnets + policies in.
     "tiny": Preset(
-        "tiny", "recipes/supernet_tiny.yaml", "recipes/collect_fp_tiny.yaml", "recipes/collect_mp_tiny.yaml",
+        "tiny", "recipes/supernet_tiny_qfa.yaml", "recipes/collect_fp_tiny.yaml", "recipes/collect_mp_tiny.yaml",
         "recipes/predictor_fp_tiny.yaml", "recipes/predictor_mp_tiny.yaml", "recipes/finetune_tiny.yaml",
         budgets=(0.45, 0.6), fp_samples=200, mp_samples=40, generations=100, needs_data=False,
     ),
@@ -126,15 +127,15 @@ PRESETS: dict[str, Preset] = {
     # random apq_cifar subnets BitFusion can run (5th / 25th / 50th / 95th percentile 0.54 / 0.75 /
     # 0.92 / 1.31 ms with the 'spread' policies; about half cannot run: no 4-bit 7x7 depthwise in the
     # table), and one latency + energy budget (0.7 mJ: the 25th percentile of the energy of runnable
-    # subnets within 0.7 ms), so that "fixed 6-bit uses less energy" is tested, not stated. Every
+    # subnets within 0.7 ms), so that "fixed 6-bit uses less energy" is tested, not stated. MP
+    # samples: 2,000 `qfa` labels (about 3.5 s each on one core; docs/collection.md §5.1). Every
     # finetuned method (300-step QAT, about 2 min each) runs with 3 seeds, plus its float reference.
     "cifar": Preset(
         "cifar", "recipes/supernet_cifar.yaml", "recipes/collect_fp.yaml", "recipes/collect_mp.yaml",
         "recipes/predictor_fp.yaml", "recipes/predictor_mp.yaml", "recipes/finetune_short.yaml",
-        budgets=(0.5, 0.75, 1.0, "latency_ms=0.75+energy_mJ=0.7"), fp_samples=800, mp_samples=120,
+        budgets=(0.5, 0.75, 1.0, "latency_ms=0.75+energy_mJ=0.7"), fp_samples=800, mp_samples=2000,
         generations=500, baseline_bits="8,6,4", finetune_seeds=(0, 1, 2), float_reference=True,
-        overrides={"collect_fp": ("--model.init_args.eval_images", "2000"),
-                   "collect_mp": ("--model.init_args.qat_steps", "30")},
+        overrides={"collect_fp": ("--model.init_args.eval_images", "2000")},
         transfer_sizes="25,50,100,all", transfer_seeds="0,1,2", transfer_epochs=150,
     ),
 }
@@ -237,16 +238,24 @@ class DoneLedger:
         write_json(self.path, {**self._read(), step.text: {"key": key, "outputs": outputs}})
 
 
-def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = None) -> dict[str, float]:
+def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = None,
+                 qfa_supernet: str | None = None) -> dict[str, float]:
     """Run the seven stages (and the transfer study); returns the wall time of each (seconds).
 
     ``supernet``: a trained supernet (stage-1 checkpoint or weights-only file, e.g. the shipped
     ``weights/apq_cifar_supernet.pt``) to start from at stage 2; ``None`` trains stage 1.
+    ``qfa_supernet``: the supernet stage 4 scores MP samples in (``protocol: qfa`` needs one
+    trained with the quant phase, e.g. ``weights/apq_cifar_qfa_supernet.pt``); ``None`` = the same
+    as stage 2's. A stage-1 run of the presets ends with the quant phase, so one checkpoint serves
+    every stage (FP samples and finetunes use its float weights).
     A stage an earlier run of ``out`` finished (:class:`DoneLedger`) is skipped: 0 s.
     """
     log = out / "pipeline.log"
     times: dict[str, float] = {}
     supernet_ckpt = Path(supernet) if supernet else p.run("supernet") / "checkpoints" / "last.ckpt"
+    mp_supernet = Path(qfa_supernet) if qfa_supernet else supernet_ckpt
+    if qfa_supernet and not mp_supernet.is_file():
+        raise SystemExit(f"--qfa-supernet {qfa_supernet}: no such file (a supernet trained with the quant phase)")
     fp_ckpt = p.run("predictor_fp") / "checkpoints" / "last.ckpt"
     mp_ckpt = p.run("predictor_mp") / "checkpoints" / "last.ckpt"
     fp_stores, mp_stores = tuple(p.stores("predictor_fp")), tuple(p.stores("predictor_mp"))
@@ -288,7 +297,7 @@ def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = N
     stage(STAGE["3"], Step(("fit", "--config", p.recipe("predictor_fp"), "--ckpt_path", "last",
                             *p.args("predictor_fp")), outputs=(str(fp_ckpt),), inputs=fp_stores))
     stage(STAGE["4"], Step(("predict", "--config", p.recipe("collect_mp"), *data, "--model.init_args.supernet_ckpt",
-                            str(supernet_ckpt), "--data.init_args.num_samples", str(p.mp_samples),
+                            str(mp_supernet), "--data.init_args.num_samples", str(p.mp_samples),
                             *p.args("collect_mp")), outputs=mp_stores))
     stage(STAGE["5"], Step(("fit", "--config", p.recipe("predictor_mp"), "--model.init_args.transfer_from",
                             str(fp_ckpt), "--ckpt_path", "last", *p.args("predictor_mp")),
@@ -370,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--supernet", default=None,
                     help="start at stage 2 from this trained supernet (a stage-1 checkpoint or a weights file such "
                          "as weights/apq_cifar_supernet.pt) instead of training stage 1")
+    ap.add_argument("--qfa-supernet", default=None,
+                    help="the quantized-for-all supernet stage 4 (protocol qfa) scores MP samples in, e.g. "
+                         "weights/apq_cifar_qfa_supernet.pt; default: the --supernet (or stage-1) one")
     args = ap.parse_args(argv)
     p = PRESETS[args.preset]
     if p.needs_data and not args.data:
@@ -377,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     data = ["--data.init_args.root", str(Path(args.data).resolve())] if args.data else []
     out = Path(args.out or f"runs/pipeline_{p.name}")
     try:
-        report = run_all(p, out, data, args.supernet)
+        report = run_all(p, out, data, args.supernet, args.qfa_supernet)
     except RunLockedError as err:
         print(f"pipeline: {err}", file=sys.stderr)
         return 2
@@ -385,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_all(p: Preset, out: Path, data: list[str], supernet: str | None = None) -> Path:
+def run_all(p: Preset, out: Path, data: list[str], supernet: str | None = None,
+            qfa_supernet: str | None = None) -> Path:
     """The pipeline, its results (``<out>/results.json``, which reports read, and the same as
     Markdown in ``<out>/results.md``) and its plots folder; returns ``<out>/results.md``.
 
@@ -397,7 +410,7 @@ def run_all(p: Preset, out: Path, data: list[str], supernet: str | None = None) 
     first; the kernel drops the lock however this process ends, ``kill -9`` included.
     """
     with run_lock(out, "pipeline"):
-        times = run_pipeline(p, out, data, supernet)
+        times = run_pipeline(p, out, data, supernet, qfa_supernet)
         rows = results_rows(p.budgets, out, p.finetune_seeds)
         table = results_table(rows)
         figure = accuracy_vs_latency_plot(rows, out / "accuracy_vs_latency.png")

@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bit-study", type=int, default=0, metavar="K", help="K architectures at uniform 4/6/8 bits")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--qat-steps", type=int, default=None, help="override the MP recipe's qat_steps")
+    ap.add_argument("--protocol", default="short_qat", choices=("short_qat", "qfa"),
+                    help="MP protocol (the recipe's default qfa needs a quantized-for-all --ckpt); "
+                         "benchmarks/label_noise.py compares the two")
     args = ap.parse_args(argv)
     if not args.archive or not Path(args.archive).exists():
         ap.error(f"give --archive PATH (or set APQ_CIFAR_ARCHIVE); got {args.archive!r}")
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in (fp_data, mp_data):
         d["root"] = args.archive
     fp_model["supernet_ckpt"] = mp_model["supernet_ckpt"] = args.ckpt
+    mp_model["protocol"] = args.protocol
     if args.qat_steps is not None:
         mp_model["qat_steps"] = args.qat_steps
     print(

@@ -73,11 +73,17 @@ def _cached(loader, max_images: int | None = None) -> list[tuple[torch.Tensor, t
     return out
 
 
-def _halves(batches: list) -> tuple[list, list]:
+def _halves(batches: list, batch_size: int) -> tuple[list, list]:
+    """Two disjoint halves of the evaluation images, each in batches of ``batch_size`` (as the
+    collections evaluate: one 1,000-image batch would time page faults, not the protocols)."""
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     mid = len(y) // 2
-    return [(x[:mid], y[:mid])], [(x[mid:], y[mid:])]
+
+    def chunks(lo: int, hi: int) -> list:
+        return [(x[i:min(i + batch_size, hi)], y[i:min(i + batch_size, hi)]) for i in range(lo, hi, batch_size)]
+
+    return chunks(0, mid), chunks(mid, len(y))
 
 
 def fp_label(net, subnet, bn, halves) -> tuple[list[float], float]:
@@ -139,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--qat-steps", type=int, default=30)
     ap.add_argument("--eval-images", type=int, default=2000)
+    ap.add_argument("--eval-batch-size", type=int, default=100, help="as recipes/collect_*.yaml")
+    ap.add_argument("--protocols", default="fp,short_qat,qfa",
+                    help="comma-separated subset of fp,short_qat,qfa (fp is always measured: the cost unit)")
     ap.add_argument("--bn-batches", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON of the numbers")
@@ -157,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     dm.setup("fit")
     bn = _cached(dm.calib_dataloader(args.bn_batches, 256))
     calib = _cached(dm.calib_dataloader(4, 128))
-    halves = _halves(_cached(dm.heldout_dataloader(500), args.eval_images))
+    halves = _halves(_cached(dm.heldout_dataloader(500), args.eval_images), args.eval_batch_size)
+    wanted = {p.strip() for p in args.protocols.split(",") if p.strip()} | {"fp"}
+    if not wanted <= {"fp", "short_qat", "qfa"}:
+        ap.error(f"--protocols {args.protocols!r}: allowed fp, short_qat, qfa")
     qat = ShortQAT(steps=args.qat_steps)
     rng = np.random.default_rng(args.seed)
     labels: dict[str, dict[int, list[list[float]]]] = {"fp": {}, "short_qat": {}, "qfa": {}}
@@ -169,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
             accs, s = fp_label(net, arch, bn, halves)
             labels["fp"].setdefault(p, []).append(accs)
             cost["fp"].append(s)
-            accs, s = short_qat_label(net, subnet, bn, calib, dm.train_set, qat, 1000 * p + r, halves)
-            labels["short_qat"].setdefault(p, []).append(accs)
-            cost["short_qat"].append(s)
-            if qnet is not None:
+            if "short_qat" in wanted:
+                accs, s = short_qat_label(net, subnet, bn, calib, dm.train_set, qat, 1000 * p + r, halves)
+                labels["short_qat"].setdefault(p, []).append(accs)
+                cost["short_qat"].append(s)
+            if qnet is not None and "qfa" in wanted:
                 accs, s = qfa_label(qnet, subnet, bn, halves)
                 labels["qfa"].setdefault(p, []).append(accs)
                 cost["qfa"].append(s)
@@ -181,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True)
     fp_s = statistics.median(cost["fp"])
     out = {"space": sp.name, "supernet": args.supernet, "qfa_supernet": args.qfa_supernet,
-           "eval_images": sum(len(h[0][1]) for h in halves), "qat_steps": args.qat_steps, "protocols": {}}
+           "eval_images": sum(len(b[1]) for h in halves for b in h),
+           "eval_batch_size": args.eval_batch_size, "qat_steps": args.qat_steps, "protocols": {}}
     print(f"\n{'protocol':>10} {'noise pts':>9} {'(repeats':>9} {'images)':>8} {'spread pts':>10} "
           f"{'pairwise ceiling':>16} {'s/label':>8} {'x FP':>6}")
     for k in ("fp", "short_qat", "qfa"):

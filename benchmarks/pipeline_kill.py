@@ -50,8 +50,6 @@ PRESET = dict(
     name="kill", budgets=(0.6,), fp_samples=40, mp_samples=16, generations=10, baseline_bits="8",
     overrides={"predictor_fp": ("--trainer.max_epochs", "10"),
                "predictor_mp": ("--trainer.max_epochs", "10", "--data.init_args.val_fraction", "0.3"),
-               "collect_mp": ("--model.init_args.qat_steps", "2", "--model.init_args.qat_batch_size", "32",
-                              "--model.init_args.method", "minmax", "--model.init_args.calib_batches", "1"),
                "finetune": ("--trainer.max_epochs", "2", "--trainer.limit_train_batches", "6",
                             "--model.init_args.calib_batches", "1", "--model.init_args.bn_calib_batches", "1")},
     transfer_sizes="8,all", transfer_seeds="0", transfer_epochs=10,
@@ -65,15 +63,24 @@ raise SystemExit(stages.main(sys.argv[1:]))
 
 
 def random_supernet(path: Path) -> Path:
-    """A random tiny supernet in the checkpoint layout ``load_supernet`` reads (nothing trained)."""
+    """A random tiny quantized-for-all supernet as a weights file (nothing trained beyond a few
+    training-mode passes that set its activation ranges): what stage 1 of the tiny preset ends
+    with, so every stage runs as in ``make demo`` (stage 4's ``qfa`` protocol needs the quant state)."""
+    from apq_lightning.quant.supernet import quantize_supernet
+    from apq_lightning.space import get_space
+    from apq_lightning.supernet_io import save_supernet_weights
+
     torch.manual_seed(0)
     net = Supernet("tiny", 10)
     for m in net.modules():  # residual blocks that are not identities, so subnets differ
         if isinstance(m, torch.nn.BatchNorm2d):
             torch.nn.init.uniform_(m.weight, 0.5, 1.5)
-    state = {f"supernet.{k}": v for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "hyper_parameters": {"space": "tiny", "num_classes": 10, "dropout": 0.0}}, path)
-    return path
+    net = quantize_supernet(net, ranges="batch").train()
+    with torch.no_grad():
+        for i in range(3):
+            net.set_active(get_space("tiny").sample(i, quantized=True))
+            net(torch.randn(16, 3, 16, 16))
+    return save_supernet_weights(net, path, torch.float32)
 
 
 class Driver:

@@ -102,7 +102,9 @@ def _cli_args(recipe: str, ckpt: Path, out: Path, n: int, *extra: str) -> list[s
     ]
 
 
-FAST_MP = (
+FAST_MP = (  # APQ's protocol (the recipe's default is qfa), short
+    "--model.init_args.protocol",
+    "short_qat",
     "--model.init_args.qat_steps",
     "2",
     "--model.init_args.qat_batch_size",

@@ -43,6 +43,31 @@ def test_batch_range_quantizer_uses_the_batch_in_training_and_the_running_range_
         fresh(torch.randn(4))
 
 
+def test_running_range_quantizer_clips_the_batch_to_the_shared_range_in_training():
+    q = LinearQuantizer(4, signed=False).set_range_source("running", momentum=0.5)
+    x1, x2 = torch.rand(64) * 2.0, torch.rand(64) * 4.0
+    assert float(q(x1).max()) == pytest.approx(float(x1.max()))  # the first batch sets the range
+    y2 = q(x2)
+    v = 0.5 * float(x1.max()) + 0.5 * float(x2.max())
+    assert float(q.v) == pytest.approx(v) and float(y2.max()) == pytest.approx(v, rel=1e-6)  # clipped, not covered
+    x = (torch.rand(32) * 2 * v).requires_grad_()
+    q(x).sum().backward()  # the straight-through gradient stops where the shared range clips
+    passes = (x.detach() < float(q.v) * 15.5 / 15).float()  # up to qmax + 1/2 levels
+    assert 0 < float(x.grad.sum()) < 32 and torch.equal(x.grad, passes)
+
+
+@pytest.mark.parametrize("ranges", ["batch", "running"])
+def test_reestimation_keeps_the_trained_range_source(ranges):
+    torch.manual_seed(0)
+    net = quantize_supernet(Supernet("tiny", 10), ranges=ranges)
+    net.set_active(TINY.sample(1, quantized=True))
+    reestimate_supernet(net, [(torch.randn(16, 3, 16, 16), None)] * 2)
+    sources = {q.input_quantizer.range_source for q in net.modules() if hasattr(q, "input_quantizer")}
+    assert sources == {ranges} and net._apq_quant.ranges == ranges
+    with pytest.raises(ValueError, match="quant_ranges must be one of batch, running"):
+        SupernetModule(space="tiny", phases=[Phase("quant", 1)], quant_ranges="learned")
+
+
 def test_cumulative_reestimation_does_not_depend_on_what_ran_before():
     torch.manual_seed(0)
     net = quantize_supernet(Supernet("tiny", 10), ranges="batch")

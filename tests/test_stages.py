@@ -40,8 +40,8 @@ def test_recipes_resolve_from_another_working_directory(tmp_path, monkeypatch):
 
 def test_overrides_are_per_stage_and_stage_names_are_checked():
     cifar = PRESETS["cifar"]
-    assert cifar.args("collect_mp") == ("--model.init_args.qat_steps", "30")
-    assert cifar.args("supernet") == ()
+    assert cifar.args("collect_fp") == ("--model.init_args.eval_images", "2000")
+    assert cifar.args("supernet") == cifar.args("collect_mp") == ()
     with pytest.raises(ValueError, match="unknown stage 'colect_fp'; stages: supernet, collect_fp"):
         cifar.args("colect_fp")
 
@@ -52,6 +52,8 @@ def test_cifar_needs_data_and_a_given_supernet_must_exist(tmp_path, capsys):
     assert err.value.code == 2 and "--preset cifar needs --data PATH" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--supernet .*nope.pt: no such file"):
         run_pipeline(PRESETS["tiny"], tmp_path / "out", [], supernet=str(tmp_path / "nope.pt"))
+    with pytest.raises(SystemExit, match="--qfa-supernet .*nope.pt: no such file"):
+        run_pipeline(PRESETS["tiny"], tmp_path / "out", [], qfa_supernet=str(tmp_path / "nope.pt"))
 
 
 def test_results_table_rows_per_budget(tmp_path):
@@ -135,8 +137,9 @@ def test_a_rerun_skips_what_an_earlier_run_finished(fake_apq, tmp_path):
     p, out = PRESETS["tiny"], tmp_path / "out"
     run_pipeline(p, out, [])
     first = fake_apq.commands()
-    assert len(first) == 14 and first[:5] == ["fit supernet_tiny", "predict collect_fp_tiny", "fit predictor_fp_tiny",
-                                              "predict collect_mp_tiny", "fit predictor_mp_tiny"]
+    assert len(first) == 14 and first[:5] == ["fit supernet_tiny_qfa", "predict collect_fp_tiny",
+                                              "fit predictor_fp_tiny", "predict collect_mp_tiny",
+                                              "fit predictor_mp_tiny"]
     times = run_pipeline(p, out, [])
     assert fake_apq.commands(14) == []  # nothing started again
     assert set(times) == {label for label in json.loads((out / "stage_times.json").read_text())
@@ -196,3 +199,20 @@ def test_a_driver_killed_with_9_leaves_no_lock(fake_apq, tmp_path, capsys):
     assert lock.read_text()  # the dead driver's name is still in the file, its lock is not
     assert main(["--preset", "tiny", "--out", str(out)]) == 0
     assert len(fake_apq.calls) == 14 and (out / "results.md").is_file()
+
+
+def test_stage_4_scores_in_the_qfa_supernet_and_the_rest_use_the_float_one(fake_apq, tmp_path):
+    """``--supernet`` (float: FP samples, finetunes, baselines) and ``--qfa-supernet`` (stage 4)."""
+    float_net, qfa_net = tmp_path / "float.pt", tmp_path / "qfa.pt"
+    float_net.write_bytes(b"f")
+    qfa_net.write_bytes(b"q")
+    run_pipeline(PRESETS["tiny"], tmp_path / "out", [], supernet=str(float_net), qfa_supernet=str(qfa_net))
+    used = {}
+    for c in fake_apq.calls:
+        opt = dict(zip(c, c[1:]))
+        name = Path(opt["--config"]).stem if "--config" in opt else c[0]
+        ckpt = opt.get("--model.init_args.supernet_ckpt", opt.get("--supernet"))
+        if ckpt:
+            used.setdefault(name, set()).add(ckpt)
+    assert used.pop("collect_mp_tiny") == {str(qfa_net)}
+    assert set(used) >= {"collect_fp_tiny", "final", "baselines"} and all(v == {str(float_net)} for v in used.values())

@@ -30,7 +30,7 @@ from apq_lightning.modules.common import (
     configure_sgd_phases,
 )
 from apq_lightning.modules.phases import Phase, as_phases, resolve_phase, sample_from
-from apq_lightning.quant.supernet import quantize_supernet, reestimate_supernet
+from apq_lightning.quant.supernet import QFA_RANGES, quantize_supernet, reestimate_supernet
 from apq_lightning.space import Subnet, get_space
 from apq_lightning.space.policy_sampling import sample_policy
 from apq_lightning.supernet import Supernet, bn_param, recalibrate_bn, set_bn_param
@@ -62,6 +62,7 @@ class SupernetModule(DistilledTraining):
         lr_schedule: Literal["run", "phase"] = "run",
         start_phase: int = 0,
         init_weights: str | None = None,
+        quant_ranges: Literal["batch", "running"] = "batch",
     ) -> None:
         super().__init__()
         try:
@@ -72,6 +73,9 @@ class SupernetModule(DistilledTraining):
         # Plain dicts in the checkpoint so that it loads with weights_only=True.
         self.save_hyperparameters(ignore=["phases"])
         self.hparams["phases"] = [asdict(p) for p in all_phases]
+        if quant_ranges not in QFA_RANGES:
+            raise ValueError(f"quant_ranges must be one of {', '.join(QFA_RANGES)} (the activation ranges the "
+                             f"quant phase trains with), got {quant_ranges!r}")
         if lr_schedule not in ("run", "phase"):
             raise ValueError(f"lr_schedule must be 'run' (one cosine over the run) or 'phase' (one per phase), "
                              f"got {lr_schedule!r}")
@@ -206,7 +210,7 @@ class SupernetModule(DistilledTraining):
     def quantize_for_all(self) -> None:
         """Put batch-range quantizers into the supernet (once; the quant phase trains through them)."""
         if not self.quantized:
-            quantize_supernet(self.supernet, ranges="batch")
+            quantize_supernet(self.supernet, ranges=self.hparams.quant_ranges)
             if self.hparams.channels_last:
                 self.supernet.to(memory_format=torch.channels_last)
 

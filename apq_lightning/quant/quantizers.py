@@ -80,7 +80,9 @@ def fake_quantize_range(x: Tensor, v: Tensor, bits: int, signed: bool, ch_axis: 
     scale = v.float().clamp_min(_MIN_RANGE) / qmax
     if ch_axis is None and x.device.type == "cpu" and x.dtype == torch.float32 and LinearQuantizer.fast_cpu:
         s = float(scale)
-        window = (-math.inf, math.inf) if covers else ste_window(s, qmin, qmax)
+        # the straight-through window matters only to a gradient (none in evaluation: skip its search)
+        grad = torch.is_grad_enabled() and x.requires_grad
+        window = (-math.inf, math.inf) if covers or not grad else ste_window(s, qmin, qmax)
         return fake_quantize_cpu_prepared(x, s, float32_reciprocal(s), qmin, qmax, *window)
     if ch_axis is not None:
         zp = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
@@ -89,8 +91,8 @@ def fake_quantize_range(x: Tensor, v: Tensor, bits: int, signed: bool, ch_axis: 
     return torch.fake_quantize_per_tensor_affine(x, scale.reshape(1), zp, qmin, qmax)
 
 
-RangeSource = Literal["calibrated", "batch", "tensor"]
-RANGE_SOURCES: tuple[str, ...] = ("calibrated", "batch", "tensor")
+RangeSource = Literal["calibrated", "batch", "running", "tensor"]
+RANGE_SOURCES: tuple[str, ...] = ("calibrated", "batch", "running", "tensor")
 
 
 @dataclass(frozen=True)
@@ -215,7 +217,10 @@ class LinearQuantizer(nn.Module):
         * ``batch`` -- in training mode the batch's own range quantizes the batch (stable when the
           policy changes every step) and updates a running ``v`` with ``momentum`` (``None``: a
           cumulative average, for re-estimation on fixed images, as BatchNorm does); in eval mode
-          the running ``v`` is used.
+          the running ``v`` is used;
+        * ``running`` -- as ``batch``, but in training mode too the running ``v`` (shared by every
+          subnet and policy trained, like OQAT's shared ranges, though averaged rather than
+          learned) quantizes the batch, clipping what lies beyond it.
         """
         if source not in RANGE_SOURCES:
             raise ValueError(f"range source {source!r} unknown; allowed: {list(RANGE_SOURCES)}")
@@ -245,9 +250,11 @@ class LinearQuantizer(nn.Module):
         if not self.enabled or self.bits is None:
             return x
         signed_axis = self.ch_axis if self.per_channel else None
-        if self.range_source == "tensor" or self.training:
+        if self.range_source == "tensor" or (self.training and self.range_source == "batch"):
             v = self._track(x)
             return fake_quantize_range(x, v, self.bits, self.signed is not False, signed_axis, covers=True)
+        if self.training:  # running: the batch moves the shared range, which quantizes it
+            self._track(x)
         if not self.is_calibrated:
             raise RuntimeError("a batch-range quantizer has no running range yet: run training batches, or "
                                "re-estimate the ranges on a few batches (reestimate_supernet) before evaluating")

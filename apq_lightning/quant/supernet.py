@@ -126,7 +126,10 @@ class SupernetQuantizer(nn.Module):
         return f"name={self.name!r}"
 
 
-SupernetRanges = Literal["calibrated", "batch"]
+SupernetRanges = Literal["calibrated", "batch", "running"]
+SUPERNET_RANGES: tuple[str, ...] = ("calibrated", "batch", "running")
+QFA_RANGES: tuple[str, ...] = ("batch", "running")
+"""Range sources of a quantized-for-all supernet (any subnet and policy runs at once)."""
 
 
 @dataclass
@@ -157,7 +160,7 @@ def _dynamic_convs(supernet: Supernet) -> Iterator[tuple[int, str, DynamicConv, 
 
 def _check_arch(supernet: Supernet, args: Any) -> None:
     st = supernet._apq_quant  # type: ignore[attr-defined]
-    if not st.enabled or st.calibrating or st.ranges == "batch":
+    if not st.enabled or st.calibrating or st.ranges in QFA_RANGES:
         return
     if st.calibrated_arch is None or not same_arch(st.calibrated_arch, supernet.active_subnet):
         raise RuntimeError(
@@ -182,9 +185,11 @@ def quantize_supernet(
     architecture. ``ranges="batch"`` (quantized-for-all training and its samples): weight ranges
     follow the weights at every call and activation ranges come from the batch in training mode
     (a running range in eval mode), so any subnet and policy runs at once; before evaluating one,
-    :func:`reestimate_supernet` re-estimates its BatchNorm statistics and running ranges."""
-    if ranges not in ("calibrated", "batch"):
-        raise ValueError(f"ranges {ranges!r} unknown; allowed: calibrated, batch")
+    :func:`reestimate_supernet` re-estimates its BatchNorm statistics and running ranges.
+    ``ranges="running"``: as ``batch``, but training quantizes each batch with the running range
+    shared by every subnet and policy (the alternative the quant phase's ``quant_ranges`` measures)."""
+    if ranges not in SUPERNET_RANGES:
+        raise ValueError(f"ranges {ranges!r} unknown; allowed: {', '.join(SUPERNET_RANGES)}")
     check_method(method)
     space = supernet.space
     fixed = resolve_fixed_bits(space, fixed_bits)
@@ -211,7 +216,7 @@ def quantize_supernet(
 def is_batch_quantized(supernet: nn.Module) -> bool:
     """Whether ``supernet`` carries batch-range quantizers (a quantized-for-all supernet)."""
     st = getattr(supernet, "_apq_quant", None)
-    return st is not None and st.ranges == "batch"
+    return st is not None and st.ranges in QFA_RANGES
 
 
 def _all_quantizers(supernet: Supernet) -> Iterator[tuple[LinearQuantizer, LinearQuantizer]]:
@@ -224,13 +229,14 @@ def _all_quantizers(supernet: Supernet) -> Iterator[tuple[LinearQuantizer, Linea
         yield m.weight_quantizer, m.input_quantizer
 
 
-def _set_range_source(supernet: Supernet, ranges: SupernetRanges, momentum: float | None = 0.1) -> None:
+def _set_range_source(supernet: Supernet, ranges: SupernetRanges, momentum: float | None = 0.1,
+                      reset: bool = True) -> None:
     st = _state(supernet)
     st.ranges = ranges
     for wq, iq in _all_quantizers(supernet):
-        wq.set_range_source("tensor" if ranges == "batch" else "calibrated")
-        iq.set_range_source("batch" if ranges == "batch" else "calibrated", momentum)
-        if ranges == "batch":
+        wq.set_range_source("tensor" if ranges in QFA_RANGES else "calibrated")
+        iq.set_range_source(ranges, momentum)
+        if ranges in QFA_RANGES and reset:
             wq.reset(), iq.reset()
     st.calibrated_arch = None
 
@@ -238,7 +244,7 @@ def _set_range_source(supernet: Supernet, ranges: SupernetRanges, momentum: floa
 @torch.no_grad()
 def reestimate_supernet(supernet: Supernet, batches: Iterable[Any], num_batches: int | None = None) -> Supernet:
     """BatchNorm statistics and running activation ranges of the *active* subnet and policy,
-    re-estimated on fixed images (a supernet quantized with ``ranges="batch"``).
+    re-estimated on fixed images (a supernet quantized with ``ranges="batch"`` or ``"running"``).
 
     Why: the supernet's running statistics are a mix over every subnet and policy trained; a
     subnet is scored with its own, measured with quantization on, as it will run. Both are
@@ -246,17 +252,18 @@ def reestimate_supernet(supernet: Supernet, batches: Iterable[Any], num_batches:
     on earlier subnets. Leaves the supernet in eval mode.
     """
     st = _state(supernet)
-    if st.ranges != "batch":
-        raise ValueError("reestimate_supernet needs a supernet quantized with ranges='batch' "
+    trained = st.ranges
+    if trained not in QFA_RANGES:
+        raise ValueError("reestimate_supernet needs a supernet quantized with ranges='batch' or 'running' "
                          "(quantize_supernet(net, ranges='batch')); calibrated ranges use calibrate_supernet")
-    _set_range_source(supernet, "batch", momentum=None)  # cumulative, like BatchNorm's below
+    # each batch's own range, averaged cumulatively, like BatchNorm's statistics below
+    _set_range_source(supernet, "batch", momentum=None)
     try:
         recalibrate_bn(supernet, batches, num_batches)  # train-mode passes: BN and ranges together
     except ValueError:
         raise ValueError("reestimate_supernet got no batches") from None
     finally:
-        for _, iq in _all_quantizers(supernet):
-            iq.range_momentum = 0.1
+        _set_range_source(supernet, trained, momentum=0.1, reset=False)  # the re-estimated ranges stay
         supernet.eval()
     return supernet
 

@@ -33,7 +33,7 @@ class FPCollectionModule(SubnetCollectionModule):
         bn_batches: int = 2,
         bn_batch_size: int = 256,
         eval_images: int | None = 5000,
-        eval_batch_size: int = 500,
+        eval_batch_size: int = 100,
         channels_last: bool = True,
         cache_images: bool = True,
         mode: FPMode = "extract",

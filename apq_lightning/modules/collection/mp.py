@@ -68,7 +68,7 @@ class MPCollectionModule(SubnetCollectionModule):
         bn_batches: int = 2,
         bn_batch_size: int = 256,
         eval_images: int | None = 2000,
-        eval_batch_size: int = 500,
+        eval_batch_size: int = 100,
         channels_last: bool = True,
         cache_images: bool = True,
         arch_policies_fraction: float = 0.5,
