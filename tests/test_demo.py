@@ -1,10 +1,11 @@
 """The demo's seven stages end to end (``make demo`` at reduced size): what a newcomer sees first.
 
-One run of :func:`apq_lightning.stages.run_all` on the tiny preset with fewer samples, a short
-MP QAT and shorter finetunes, in a scratch folder (every recipe writes under ``runs/`` of the
-working directory). The assertions are on the outputs a user reads: searched subnets within
-their budgets, finetuned accuracy far above chance (digits: 10 classes), the results table, and
-the plots folder with every kind of plot the demo promises.
+One run of :func:`apq_lightning.stages.run_all` on the tiny preset (its stage 1 ends with the
+quantized-for-all phase; stage 4 scores ``qfa`` samples in it) with fewer samples and shorter
+finetunes, in a scratch folder (every recipe writes under ``runs/`` of the working directory).
+The assertions are on the outputs a user reads: searched subnets within their budgets, finetuned
+accuracy far above chance (digits: 10 classes), the results table, and the plots folder with
+every kind of plot the demo promises.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ def demo(tmp_path_factory) -> tuple[Preset, object]:
     folder = tmp_path_factory.mktemp("demo")
     preset = dataclasses.replace(
         PRESETS["tiny"], fp_samples=120, mp_samples=24, generations=60,
-        overrides={"collect_mp": ("--model.init_args.qat_steps", "10"),
-                   "finetune": ("--trainer.max_epochs", "2")},
+        overrides={"finetune": ("--trainer.max_epochs", "2")},
         transfer_sizes="8,all", transfer_seeds="0", transfer_epochs=40,
     )
     with pytest.MonkeyPatch.context() as mp:
@@ -68,3 +68,12 @@ def test_plots_folder_holds_every_kind_of_plot(demo):
     for kind in ("validation_curves", "scatter", "transfer_study", "latency_ms=0.45", "latency_ms=0.6"):
         assert any(kind in name for name in plots), (kind, plots)
     assert all((report.parent / "plots" / name).stat().st_size > 5000 for name in plots)
+
+
+def test_mp_samples_are_qfa_labels_from_the_quantized_for_all_stage_1(demo):
+    from apq_lightning.collection import read_samples
+
+    _, report = demo
+    recs = read_samples(report.parent.parent / "collect_mp_tiny")
+    assert len(recs) == 24 and {r.protocol["protocol"] for r in recs} == {"qfa"}
+    assert all(r.timing["qat_s"] == 0 for r in recs)
