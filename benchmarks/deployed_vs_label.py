@@ -216,7 +216,7 @@ def plot(rows: list[dict[str, Any]], protocols: list[str], results: dict[str, An
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(protocols), figsize=(4.6 * len(protocols), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(protocols), figsize=(4.6 * len(protocols), 4.2), squeeze=False, sharey=True)
     dep = [100 * r["deployed"] for r in rows]
     bits = [r["mean_bits"] for r in rows]
     for ax, p in zip(axes[0], protocols):
@@ -224,8 +224,8 @@ def plot(rows: list[dict[str, Any]], protocols: list[str], results: dict[str, An
         s = results[p]["spearman"]
         ax.set_title(f"{p}: Spearman {s['rho']:.2f} [{s['ci_low']:.2f}, {s['ci_high']:.2f}]", fontsize=10)
         ax.set_xlabel(f"{p} label, top-1 % (held-out images)")
-        ax.set_ylabel("deployed top-1 % (after finetune, test images)")
         ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("deployed top-1 % (after finetune, test images)")
     fig.colorbar(sc, ax=axes[0].tolist(), label="mean bits")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
