@@ -24,7 +24,6 @@ beside them: what the quant phase buys.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ if str(ROOT) not in sys.path:
 from apq_lightning.checked_cli import build_cli  # noqa: E402
 from apq_lightning.collection.sampling import MPSampling, mp_subnet  # noqa: E402
 from apq_lightning.data import ImageDataModule  # noqa: E402
+from apq_lightning.final.results import paired_difference  # noqa: E402
 from apq_lightning.metrics import top1  # noqa: E402
 from apq_lightning.outputs import write_json  # noqa: E402
 from apq_lightning.quant.supernet import QFA_RANGES, quantize_supernet, reestimate_supernet  # noqa: E402
@@ -78,9 +78,10 @@ def score(net: Supernet, subnets: list, bn: list, heldout: list) -> list[float]:
 
 
 def paired(a: list[float], b: list[float]) -> dict[str, float]:
+    """``a - b`` per pair (the same subnets and images): mean ± SE in points, and the signs."""
+    mean, se = paired_difference(a, b)
     d = [x - y for x, y in zip(a, b)]
-    se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
-    return {"mean_diff_pts": 100 * statistics.mean(d), "se_pts": 100 * se, "wins": sum(x > 0 for x in d),
+    return {"mean_diff_pts": 100 * mean, "se_pts": 100 * se, "wins": sum(x > 0 for x in d),
             "losses": sum(x < 0 for x in d), "n": len(d)}
 
 

@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from .bits import SUPPORTED_BITS, CalibrationMethod, check_method, qrange, validate_bits
+from .bits import SUPPORTED_BITS, CalibrationMethod, QuantSpec, check_method, qrange, validate_bits
 from .cpu_kernel import fake_quantize_cpu_prepared, float32_reciprocal, ste_window
 from .ranges import HistogramObserver, tensor_range
 
@@ -93,39 +92,6 @@ def fake_quantize_range(x: Tensor, v: Tensor, bits: int, signed: bool, ch_axis: 
 
 RangeSource = Literal["calibrated", "batch", "running", "tensor"]
 RANGE_SOURCES: tuple[str, ...] = ("calibrated", "batch", "running", "tensor")
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """Configuration of one quantizer (a value type, so policies can be hashed and compared).
-
-    Attributes:
-        bits: bit width in ``SUPPORTED_BITS``; ``None`` keeps the tensor in float.
-        signed: ``True`` -> ``[-v, v]``, ``False`` -> ``[0, v]``, ``None`` -> decided at
-            calibration time (unsigned iff no negative value was observed). ``None`` is how
-            activations are configured on arbitrary models, where we cannot know statically
-            whether a layer's input comes out of a ReLU.
-        per_channel: one range per slice along ``ch_axis`` (weights only).
-        ch_axis: channel axis for per-channel ranges (0 = output channels of Conv2d/Linear).
-        method: how :func:`~apq_lightning.quant.calibrate` picks ``v``: ``"kl"`` or ``"minmax"``.
-        bins: histogram bins for the KL search.
-    """
-
-    bits: int | None = 8
-    signed: bool | None = True
-    per_channel: bool = False
-    ch_axis: int = 0
-    method: CalibrationMethod = "kl"
-    bins: int = 2048
-
-    def __post_init__(self) -> None:
-        validate_bits(self.bits)
-        check_method(self.method)
-        if self.bins < 16:
-            raise ValueError(f"bins = {self.bins} is too small for a KL search (need >= 16)")
-
-    def with_bits(self, bits: int | None) -> QuantSpec:
-        return replace(self, bits=bits)
 
 
 class LinearQuantizer(nn.Module):
