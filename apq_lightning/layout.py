@@ -85,6 +85,10 @@ class LayerSpec:
     """ReLU6 after the layer's BN."""
     bn: bool = True
     bias: bool = False
+    input_private: bool = False
+    """Its input is read by this layer alone (a ReLU6 output inside a block, the last block's
+    output, the pooled features); a block's input, which a residual may read too, and the image
+    are not. Its activation quantizer may then overwrite the input when no gradient flows."""
 
     def extra_params(self, shape: ConvShape) -> int:
         """Parameters stored at 32 bits beside the weight: BN scale + shift per channel, the bias."""
@@ -169,11 +173,11 @@ FIXED_LAYERS: tuple[FixedLayerSpec, ...] = (
     FixedLayerSpec(name="first.depthwise.conv", role="first.depthwise", kind="dw", a_signed=False, act=True,
                    part="head", geometry=_first_depthwise),
     FixedLayerSpec(name="first.project.conv", role="first.project", kind="pw", a_signed=False, act=False,
-                   part="head", geometry=_first_project),
+                   part="head", input_private=True, geometry=_first_project),
     FixedLayerSpec(name="head.conv", role="head", kind="pw", a_signed=True, act=True, part="tail",
-                   geometry=_head),  # input: the last block's output (BN, no ReLU6)
+                   input_private=True, geometry=_head),  # input: the last block's output (BN, no ReLU6)
     FixedLayerSpec(name="classifier", role="classifier", kind="linear", a_signed=False, act=False, bn=False,
-                   bias=True, part="tail", geometry=_classifier),  # input: pooled ReLU6 output
+                   bias=True, part="tail", input_private=True, geometry=_classifier),  # input: pooled ReLU6 output
 )
 """The always-on layers, in network order."""
 
@@ -181,9 +185,10 @@ BLOCK_CONVS: tuple[BlockConvSpec, ...] = (
     BlockConvSpec(name="expand.conv", role="expand", kind="pw", a_signed=True, act=True,
                   bits=("pw_w", "pw_a"), supernet_attr="expand_conv", geometry=_expand),
     BlockConvSpec(name="depthwise.conv", role="depthwise", kind="dw", a_signed=False, act=True,
-                  bits=("dw_w", "dw_a"), supernet_attr="dw_conv", geometry=_depthwise),
+                  bits=("dw_w", "dw_a"), supernet_attr="dw_conv", input_private=True, geometry=_depthwise),
     BlockConvSpec(name="project.conv", role="project", kind="pw", a_signed=False, act=False,
-                  bits=("pw_w", "pw_a"), supernet_attr="project_conv", geometry=_project),
+                  bits=("pw_w", "pw_a"), supernet_attr="project_conv", input_private=True,
+                  geometry=_project),
 )
 """The convs of one elastic block, in network order."""
 

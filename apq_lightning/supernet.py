@@ -85,9 +85,23 @@ class DynamicDepthwiseConv(DynamicConv):
             }
         )
         self.active_kernel = kmax
+        self._kept: tuple[tuple, torch.Tensor] | None = None  # see active_weight
 
     def active_weight(self, channels: int, kernel: int | None = None) -> torch.Tensor:
         kernel = kernel or self.active_kernel
+        if torch.is_grad_enabled() or kernel == self.kernel_choices[-1]:
+            self._kept = None
+            return self._transformed(channels, kernel)
+        # Without autograd (scoring a subnet: one call per batch), the transformed kernel is
+        # kept while the parameters are unchanged, and returned as the same tensor, so that a
+        # quantizer can keep its quantized copy too (quant.supernet.SupernetQuantizer).
+        params = (self.weight, *self.transforms.values())
+        key = (channels, kernel, *((p.data_ptr(), p._version) for p in params))
+        if self._kept is None or self._kept[0] != key:
+            self._kept = (key, self._transformed(channels, kernel))
+        return self._kept[1]
+
+    def _transformed(self, channels: int, kernel: int) -> torch.Tensor:
         w = self.weight[:channels]
         size = w.shape[-1]
         for big, small in zip(self.kernel_choices[:0:-1], self.kernel_choices[-2::-1]):
@@ -155,8 +169,11 @@ class DynamicMBConv(nn.Module):
         self.active_kernel, self.active_mid = kernel, mid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu6(self.expand_bn(self.expand_conv(x)))
-        y = F.relu6(self.dw_bn(self.dw_conv(y)))
+        # ReLU6 in place on BN's fresh output, as the extracted model's nn.ReLU6(inplace=True):
+        # the same values, one tensor less per activation (on a CPU, that allocation costs as
+        # much as the clamp itself for a large activation)
+        y = F.relu6(self.expand_bn(self.expand_conv(x)), inplace=True)
+        y = F.relu6(self.dw_bn(self.dw_conv(y)), inplace=True)
         y = self.project_bn(self.project_conv(y))
         return x + y if self.spec.residual else y
 

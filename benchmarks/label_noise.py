@@ -8,6 +8,8 @@ every pair ``--repeats`` times:
 * ``qfa`` (needs ``--qfa-supernet``, a supernet trained with a quant phase): subnet + policy
   inside the supernet, BN and activation ranges re-estimated on the fixed images; deterministic
   given the images, so its repeats differ only by the evaluation images below;
+* ``qfa_out_of_place``: ``qfa`` without in-place quantization of the blocks' private inputs (the
+  same labels; what writing in place saves);
 
 and every label is measured on two disjoint halves of the evaluation images. Reported per
 protocol: the noise of one label in points, from two parts -- the pooled std of a pair's repeats
@@ -44,6 +46,7 @@ from apq_lightning.metrics import top1  # noqa: E402
 from apq_lightning.modules.collection.qat import ShortQAT, short_qat  # noqa: E402
 from apq_lightning.outputs import write_json  # noqa: E402
 from apq_lightning.quant import quantize_subnet  # noqa: E402
+from apq_lightning.quant.quantizers import LinearQuantizer  # noqa: E402
 from apq_lightning.quant.subnet import clone_float  # noqa: E402
 from apq_lightning.quant.supernet import is_batch_quantized, reestimate_supernet  # noqa: E402
 from apq_lightning.space.policy_sampling import sample_policy  # noqa: E402
@@ -51,6 +54,10 @@ from apq_lightning.supernet import recalibrate_bn  # noqa: E402
 from apq_lightning.supernet_io import load_supernet  # noqa: E402
 
 CL = torch.channels_last
+
+
+PROTOCOLS = ("fp", "short_qat", "qfa", "qfa_out_of_place")
+"""``qfa_out_of_place``: ``qfa`` with every quantizer writing a new tensor (see :func:`qfa_label`)."""
 
 
 def pairwise_ceiling(spread: float, noise: float) -> float:
@@ -111,12 +118,20 @@ def short_qat_label(net, subnet, bn, calib, train_set, qat: ShortQAT, seed: int,
     return accs, time.perf_counter() - t
 
 
-def qfa_label(qnet, subnet, bn, halves) -> tuple[list[float], float]:
+def qfa_label(qnet, subnet, bn, halves, overwrite: bool = True) -> tuple[list[float], float]:
+    """``overwrite=False``: every quantizer writes a new tensor (the path before in-place
+    quantization of private inputs), to measure what that saves; the labels must not change."""
+    private = [m for m in qnet.modules() if isinstance(m, LinearQuantizer) and m.overwrite_input]
+    for m in private:
+        m.overwrite_input = overwrite
     t = time.perf_counter()
     qnet.set_active(subnet)
     reestimate_supernet(qnet, [x for x, _ in bn])
     accs = [top1(qnet, h) for h in halves]
-    return accs, time.perf_counter() - t
+    seconds = time.perf_counter() - t
+    for m in private:
+        m.overwrite_input = True
+    return accs, seconds
 
 
 def summarize(labels: dict[int, list[list[float]]]) -> dict[str, float]:
@@ -147,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-images", type=int, default=2000)
     ap.add_argument("--eval-batch-size", type=int, default=100, help="as recipes/collect_*.yaml")
     ap.add_argument("--protocols", default="fp,short_qat,qfa",
-                    help="comma-separated subset of fp,short_qat,qfa (fp is always measured: the cost unit)")
+                    help=f"comma-separated subset of {','.join(PROTOCOLS)} (fp is always measured: the cost unit)")
     ap.add_argument("--bn-batches", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON of the numbers")
@@ -168,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     calib = _cached(dm.calib_dataloader(4, 128))
     halves = _halves(_cached(dm.heldout_dataloader(500), args.eval_images), args.eval_batch_size)
     wanted = {p.strip() for p in args.protocols.split(",") if p.strip()} | {"fp"}
-    if not wanted <= {"fp", "short_qat", "qfa"}:
-        ap.error(f"--protocols {args.protocols!r}: allowed fp, short_qat, qfa")
+    if not wanted <= set(PROTOCOLS):
+        ap.error(f"--protocols {args.protocols!r}: allowed {', '.join(PROTOCOLS)}")
     qat = ShortQAT(steps=args.qat_steps)
     rng = np.random.default_rng(args.seed)
-    labels: dict[str, dict[int, list[list[float]]]] = {"fp": {}, "short_qat": {}, "qfa": {}}
-    cost: dict[str, list[float]] = {"fp": [], "short_qat": [], "qfa": []}
+    labels: dict[str, dict[int, list[list[float]]]] = {k: {} for k in PROTOCOLS}
+    cost: dict[str, list[float]] = {k: [] for k in PROTOCOLS}
     for p in range(args.pairs):
         arch = sp.sample(rng)
         subnet = arch.with_bits(sample_policy(sp, rng))
@@ -189,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
                 accs, s = qfa_label(qnet, subnet, bn, halves)
                 labels["qfa"].setdefault(p, []).append(accs)
                 cost["qfa"].append(s)
+            if qnet is not None and "qfa_out_of_place" in wanted:
+                accs, s = qfa_label(qnet, subnet, bn, halves, overwrite=False)
+                labels["qfa_out_of_place"].setdefault(p, []).append(accs)
+                cost["qfa_out_of_place"].append(s)
         print(f"pair {p + 1}/{args.pairs}: " + ", ".join(
             f"{k} {statistics.mean(statistics.mean(r) for r in v[p]):.4f}" for k, v in labels.items() if p in v),
             flush=True)
@@ -196,16 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     out = {"space": sp.name, "supernet": args.supernet, "qfa_supernet": args.qfa_supernet,
            "eval_images": sum(len(b[1]) for h in halves for b in h),
            "eval_batch_size": args.eval_batch_size, "qat_steps": args.qat_steps, "protocols": {}}
-    print(f"\n{'protocol':>10} {'noise pts':>9} {'(repeats':>9} {'images)':>8} {'spread pts':>10} "
+    print(f"\n{'protocol':>16} {'noise pts':>9} {'(repeats':>9} {'images)':>8} {'spread pts':>10} "
           f"{'pairwise ceiling':>16} {'s/label':>8} {'x FP':>6}")
-    for k in ("fp", "short_qat", "qfa"):
+    for k in PROTOCOLS:
         if not labels[k]:
             continue
         s = summarize(labels[k])
         s["seconds"] = statistics.median(cost[k])
         s["cost_vs_fp"] = s["seconds"] / fp_s
         out["protocols"][k] = s
-        print(f"{k:>10} {s['noise_pts']:9.2f} {s['noise_repeats_pts']:9.2f} {s['noise_images_pts']:8.2f} "
+        print(f"{k:>16} {s['noise_pts']:9.2f} {s['noise_repeats_pts']:9.2f} {s['noise_images_pts']:8.2f} "
               f"{s['spread_pts']:10.2f} {s['pairwise_ceiling']:16.3f} {s['seconds']:8.2f} {s['cost_vs_fp']:6.2f}")
     if args.out:
         write_json(args.out, out)

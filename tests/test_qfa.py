@@ -3,6 +3,8 @@ the policy sampler (issue 15)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning as L
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import torch
 
 from apq_lightning.data import ImageDataModule
 from apq_lightning.modules import Phase, SupernetModule
-from apq_lightning.quant.quantizers import LinearQuantizer
+from apq_lightning.quant.quantizers import LinearQuantizer, fake_quantize_range
 from apq_lightning.quant.supernet import quantize_supernet, reestimate_supernet, supernet_quant_disabled
 from apq_lightning.space import get_space
 from apq_lightning.space.policy_sampling import mean_bits, sample_policy
@@ -31,6 +33,11 @@ def test_batch_range_quantizer_uses_the_batch_in_training_and_the_running_range_
     q.eval()
     y = q(x2)
     assert float(y.max()) == pytest.approx(float(q.v), rel=1e-6)  # clipped to the running range
+    assert torch.equal(y, fake_quantize_range(x2, q.v, 4, False))  # the cached evaluation path: the same numbers
+    q.train()
+    q(x1)  # the running range moves; evaluation must follow it, not a cached scale
+    q.eval()
+    assert torch.equal(q(x2), fake_quantize_range(x2, q.v, 4, False)) and not torch.equal(q(x2), y)
     # gradients pass everywhere when the range was taken from the batch itself
     q.train()
     x = (torch.rand(32) * 3).requires_grad_()
@@ -90,6 +97,102 @@ def test_cumulative_reestimation_does_not_depend_on_what_ran_before():
     assert not torch.allclose(float_out, first)  # quantized for real
     with pytest.raises(ValueError, match="ranges='batch'"):
         reestimate_supernet(quantize_supernet(Supernet("tiny", 10)), batches)
+
+
+def test_in_place_quantization_of_private_inputs_changes_no_number():
+    """The depthwise and project convs quantize their ReLU6 input in place without autograd
+    (layout's input_private); the block input, which the residual reads too, is never
+    overwritten. Scores, BN statistics and ranges equal those of the out-of-place path, and a
+    gradient step is untouched (autograd on: nothing in place)."""
+    torch.manual_seed(0)
+    net = quantize_supernet(Supernet("tiny", 10), ranges="batch")
+    flags = {q.name.split(".")[-1]: q.input_quantizer.overwrite_input
+             for q in net.modules() if hasattr(q, "input_quantizer") and hasattr(q, "name")}
+    assert flags == {"expand_conv": False, "dw_conv": True, "project_conv": True}
+    fixed = {n: m.input_quantizer.overwrite_input for n, m in net.named_modules()
+             if n in {"stem.conv", "first.depthwise.conv", "first.project.conv", "head.conv", "classifier"}}
+    assert fixed == {"stem.conv": False, "first.depthwise.conv": False,  # the image; tiny's first block is residual
+                     "first.project.conv": True, "head.conv": True, "classifier": True}
+    batches = [(torch.randn(16, 3, 16, 16), None) for _ in range(2)]
+    sub = TINY.sample(3, quantized=True)
+    private = [q for q in net.modules() if isinstance(q, LinearQuantizer) and q.overwrite_input]
+
+    def score(overwrite: bool) -> tuple[torch.Tensor, dict]:
+        for q in private:
+            q.overwrite_input = overwrite
+        net.set_active(sub)
+        reestimate_supernet(net, batches)
+        x = batches[0][0].clone()
+        with torch.no_grad():
+            out = net(x)
+        assert torch.equal(x, batches[0][0])  # the images are not touched
+        return out, {k: v.clone() for k, v in net.state_dict().items() if torch.is_tensor(v) and v.is_floating_point()}
+
+    (out_in, state_in), (out_out, state_out) = score(True), score(False)
+    assert torch.equal(out_in, out_out)
+    assert state_in.keys() == state_out.keys() and all(torch.equal(state_in[k], state_out[k]) for k in state_in)
+
+    def grads(overwrite: bool) -> list[torch.Tensor]:
+        for q in private:
+            q.overwrite_input = overwrite
+        net.train()
+        net.zero_grad()
+        net(batches[1][0]).logsumexp(1).sum().backward()
+        return [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+    torch.manual_seed(1)
+    g_in = grads(True)
+    torch.manual_seed(1)
+    assert all(torch.equal(a, b) for a, b in zip(g_in, grads(False)))
+
+
+def test_kept_quantized_weights_follow_every_weight_change():
+    """Without autograd the supernet keeps each conv's quantized (and transformed) weight between
+    batches; a changed weight, kernel transform, bit width or subnet must be seen at once."""
+    torch.manual_seed(0)
+    net = quantize_supernet(Supernet("tiny", 10), ranges="batch")
+    x = torch.randn(8, 3, 16, 16)
+    sub = TINY.sample(5, quantized=True)
+    small = min(TINY.kernel_choices)
+    sub = dataclasses.replace(sub, kernels=tuple(small if k else 0 for k in sub.kernels))  # transformed kernels
+
+    def fresh(subnet) -> torch.Tensor:  # the same weights in a supernet that has kept nothing yet
+        other = quantize_supernet(Supernet("tiny", 10), ranges="batch")
+        other.load_state_dict(net.state_dict())
+        other.set_active(subnet)
+        reestimate_supernet(other, [(x, None)])
+        with torch.no_grad():
+            return other(x)
+
+    def score(subnet) -> torch.Tensor:
+        net.set_active(subnet)
+        reestimate_supernet(net, [(x, None)])
+        with torch.no_grad():
+            return net(x)
+
+    before = score(sub)
+    torch.testing.assert_close(before, fresh(sub), rtol=0, atol=0)
+    with torch.no_grad():
+        for blk in net.blocks:
+            blk.project_conv.weight.mul_(1.5)
+            for t in blk.dw_conv.transforms.values():
+                t.add_(0.05)
+    after = score(sub)
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, fresh(sub), rtol=0, atol=0)
+    eight = sub.with_bits(sample_policy(TINY, np.random.default_rng(1)))
+    torch.testing.assert_close(score(eight), fresh(eight), rtol=0, atol=0)
+    # a weight changed between two evaluations, with no re-estimation (no quantizer reset) between
+    with torch.no_grad():
+        first = net(x)
+        next(b for b in net.blocks if not b.spec.residual).expand_conv.weight.mul_(-1)  # (residual: zero-init)
+        second = net(x)
+    other = quantize_supernet(Supernet("tiny", 10), ranges="batch")
+    other.load_state_dict(net.state_dict())
+    other.set_active(eight)
+    other.eval()
+    with torch.no_grad():
+        assert not torch.equal(first, second) and torch.equal(second, other(x))
 
 
 def test_spread_sampler_spans_the_bit_range_and_independent_does_not():

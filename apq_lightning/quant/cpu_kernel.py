@@ -65,11 +65,12 @@ def ste_window(scale: float, qmin: int, qmax: int) -> tuple[float, float]:
     return float(step(first, False)), float(step(last, True))
 
 
-def _fq_values(x: Tensor, scale: float, inv_scale: float, qmin: int, qmax: int) -> Tensor:
+def _fq_values(x: Tensor, scale: float, inv_scale: float, qmin: int, qmax: int, inplace: bool = False) -> Tensor:
     # fl32(x * inv) -> clamp -> round half to even -> 0 + q * s. Clamping before rounding gives the
     # same integers (the bounds are integers); `0 + q*s` is one rounding of the exact product (what
     # the op computes in double and rounds once) and turns -0.0 into +0.0, as the op does.
-    q = torch.mul(x, inv_scale).clamp_(qmin, qmax).round_()
+    # inplace: the passes write into x itself (the same values; no new tensor).
+    q = (x.mul_(inv_scale) if inplace else torch.mul(x, inv_scale)).clamp_(qmin, qmax).round_()
     return torch.add(_ZERO, q, alpha=scale, out=q)
 
 
@@ -117,10 +118,18 @@ def float32_reciprocal(scale: float) -> float:
 
 
 def fake_quantize_cpu_prepared(
-    x: Tensor, scale: float, inv_scale: float, qmin: int, qmax: int, lo: float, hi: float
+    x: Tensor, scale: float, inv_scale: float, qmin: int, qmax: int, lo: float, hi: float, overwrite: bool = False
 ) -> Tensor:
     """:func:`fake_quantize_cpu` with the reciprocal and the STE window ``(lo, hi)`` given, for
-    callers that cache them per range; autograd is set up only when a gradient can flow."""
-    if torch.is_grad_enabled() and x.requires_grad:
-        return _FakeQuantizeCPU.apply(x, scale, inv_scale, qmin, qmax, lo, hi)
-    return _fq_values(x, scale, inv_scale, qmin, qmax)
+    callers that cache them per range; autograd is set up only when a gradient can flow.
+
+    ``overwrite=True``: when autograd is off (evaluation, BN re-estimation), the result is
+    written into ``x`` itself, for a caller that knows nothing else reads ``x``. On a CPU this
+    pass is memory-bound and a fresh output tensor costs as much again (page faults on new
+    memory for a large activation): in place it is about 2x faster. With autograd on, ``x`` is
+    left alone whatever ``overwrite`` says."""
+    if torch.is_grad_enabled():
+        if x.requires_grad:
+            return _FakeQuantizeCPU.apply(x, scale, inv_scale, qmin, qmax, lo, hi)
+        overwrite = False  # x may be saved for another op's backward
+    return _fq_values(x, scale, inv_scale, qmin, qmax, inplace=overwrite)

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from apq_lightning.batches import iter_images
-from apq_lightning.layout import BLOCK_CONVS, FIXED_LAYERS
+from apq_lightning.layout import BLOCK_CONVS, FIXED_LAYERS, BlockConvSpec
 from apq_lightning.space import Subnet
 from apq_lightning.supernet import recalibrate_bn
 
@@ -70,6 +70,7 @@ class SupernetQuantizer(nn.Module):
         self.weight_quantizer = LinearQuantizer(None, True, per_channel, 0, method=method, allowed_bits=allowed_bits)
         self.input_quantizer = LinearQuantizer(None, a_signed, method=method, allowed_bits=allowed_bits)
         self._weight_key: tuple[Any, ...] | None = None
+        self._weight_out: tuple[Any, ...] | None = None  # see _quantized_weight
 
     @property
     def w_bits(self) -> int | None:
@@ -83,7 +84,7 @@ class SupernetQuantizer(nn.Module):
         """Forget every range and histogram (a new architecture is about to be calibrated)."""
         self.weight_quantizer.reset()
         self.input_quantizer.reset()
-        self._weight_key = None
+        self._weight_key = self._weight_out = None
 
     def _sync_weight(self, weight: Tensor, w_bits: int | None) -> None:
         key = (tuple(weight.shape), w_bits)
@@ -96,6 +97,33 @@ class SupernetQuantizer(nn.Module):
                 wq.calibrate_from_tensor(weight)
         self._weight_key = key
 
+    def _quantized_weight(self, weight: Tensor) -> Tensor:
+        """The weight quantizer's output, kept between calls while no gradient flows.
+
+        Scoring a subnet calls every conv once per batch with the same active weight; on a CPU,
+        re-quantizing it each time (range, four elementwise passes, a dozen small ops) cost about
+        a tenth of a ``qfa`` label. The kept result is reused while the weight is the same
+        tensor -- the same view of the same parameter storage, or the same transformed kernel
+        object (:meth:`~apq_lightning.supernet.DynamicDepthwiseConv.active_weight` keeps it
+        without autograd) -- unchanged since (its version counter), at the same bits, and while
+        the quantizer's range ``v`` is the one that call left (a reset, as
+        :func:`reestimate_supernet` does, quantizes afresh, so ``v`` is always the weight's).
+        """
+        wq = self.weight_quantizer
+        if torch.is_grad_enabled() and weight.requires_grad:  # training: the gradient flows through
+            self._weight_out = None
+            return wq(weight)
+        src = weight if weight._base is None else weight._base
+        version = -1 if src.is_inference() else src._version  # an inference tensor is never changed
+        key = (src.data_ptr(), version, tuple(weight.shape), weight.stride(), weight.storage_offset(), wq.bits,
+               wq.signed, wq.enabled)
+        kept = self._weight_out
+        if kept is not None and kept[0] is src and kept[1] == key and kept[2] is wq.v and kept[3] == wq.v._version:
+            return kept[4]
+        out = wq(weight)
+        self._weight_out = (src, key, wq.v, wq.v._version, out)
+        return out
+
     def forward(self, x: Tensor, weight: Tensor, bits: tuple[int | None, int | None]) -> tuple[Tensor, Tensor]:
         w_bits, a_bits = bits
         iq = self.input_quantizer
@@ -105,7 +133,7 @@ class SupernetQuantizer(nn.Module):
                 iq.bits = validate_bits(a_bits, iq.allowed_bits, what=f"{self.name or 'conv'} a_bits")
             if wq.bits != w_bits:
                 wq.bits = validate_bits(w_bits, wq.allowed_bits, what=f"{self.name or 'conv'} w_bits")
-            return iq(x), wq(weight)
+            return iq(x), self._quantized_weight(weight)
         if iq.observing:  # calibration: record the float input, derive the weight range once
             iq(x)
             self._sync_weight(weight, w_bits)
@@ -151,11 +179,11 @@ def _state(supernet: nn.Module) -> _SupernetQuantState:
     return st
 
 
-def _dynamic_convs(supernet: Supernet) -> Iterator[tuple[int, str, DynamicConv, bool]]:
-    """``(block index, attribute, conv, input signed)`` of every conv of every elastic block."""
+def _dynamic_convs(supernet: Supernet) -> Iterator[tuple[int, str, DynamicConv, BlockConvSpec]]:
+    """``(block index, attribute, conv, its layout entry)`` of every conv of every elastic block."""
     for i, blk in enumerate(supernet.blocks):
         for conv in BLOCK_CONVS:
-            yield i, conv.supernet_attr, getattr(blk, conv.supernet_attr), conv.a_signed
+            yield i, conv.supernet_attr, getattr(blk, conv.supernet_attr), conv
 
 
 def _check_arch(supernet: Supernet, args: Any) -> None:
@@ -201,15 +229,17 @@ def quantize_supernet(
         st.fixed_bits = fixed
         st.calibrated_arch = None  # the fixed layers' ranges are gone with their bits
         _set_range_source(supernet, ranges)
+        _mark_private_inputs(supernet)
         return supernet
-    for i, attr, conv, signed in _dynamic_convs(supernet):
+    for i, attr, conv, spec in _dynamic_convs(supernet):
         conv.quantizer = SupernetQuantizer(
-            signed, per_channel, method, allowed_bits=allowed, name=f"blocks.{i}.{attr}"
+            spec.a_signed, per_channel, method, allowed_bits=allowed, name=f"blocks.{i}.{attr}"
         ).to(conv.weight.device)
     st = _SupernetQuantState(fixed, method, per_channel)
     st.hook = supernet.register_forward_pre_hook(_check_arch)
     supernet._apq_quant = st  # type: ignore[attr-defined]
     _set_range_source(supernet, ranges)
+    _mark_private_inputs(supernet)
     return supernet
 
 
@@ -268,11 +298,21 @@ def reestimate_supernet(supernet: Supernet, batches: Iterable[Any], num_batches:
     return supernet
 
 
-_FIXED_NAMES = frozenset(spec.name for spec in FIXED_LAYERS)
+_FIXED_SPECS = {spec.name: spec for spec in FIXED_LAYERS}
 
 
 def _fixed_quant_layers(supernet: nn.Module) -> list[QuantLayerMixin]:
-    return [m for n, m in supernet.named_modules() if n in _FIXED_NAMES and isinstance(m, QuantLayerMixin)]
+    return [m for n, m in supernet.named_modules() if n in _FIXED_SPECS and isinstance(m, QuantLayerMixin)]
+
+
+def _mark_private_inputs(supernet: Supernet) -> None:
+    """Let the quantizers of inputs nothing else reads quantize them in place (without autograd;
+    layout's ``input_private``)."""
+    for _, _, conv, spec in _dynamic_convs(supernet):
+        conv.quantizer.input_quantizer.overwrite_input = spec.input_private
+    for name, m in supernet.named_modules():
+        if name in _FIXED_SPECS and isinstance(m, QuantLayerMixin):
+            m.input_quantizer.overwrite_input = _FIXED_SPECS[name].input_private
 
 
 @torch.no_grad()
