@@ -442,7 +442,8 @@ def test_fp_collection_writes_records_resumes_and_is_deterministic(tiny_ckpt: Pa
         assert r.supernet_hash == checkpoint_hash(tiny_ckpt)
         assert r.to_subnet() == fp_subnet("tiny", 0, r.index)
         assert r.protocol["bn_batches"] == 1 and r.protocol["eval_images"] == r.protocol["heldout_images"] > 0
-        assert set(r.timing) == {"total_s", "bn_s", "eval_s", "qat_s"}
+        assert set(r.timing) == {"total_s", "bn_s", "eval_s", "qat_s", "threads"}
+        assert r.timing["threads"] == torch.get_num_threads()  # collected in this process
     assert len({r.acc for r in recs}) > 1
     # rerun: nothing left; more samples: only the new indices
     _collect(*_cli_args("collect_fp_tiny.yaml", tiny_ckpt, out, 3))
@@ -472,7 +473,7 @@ def test_mp_collection_writes_both_kinds(tiny_ckpt: Path, tmp_path: Path):
     for r in recs:
         assert r.subnet["bits"] and r.to_subnet() == mp_subnet("tiny", 0, r.index, sampling)[1]
         assert r.protocol["qat_steps"] == 2 and r.protocol["eval_images"] == 64 and r.protocol["fixed_bits"] == 8
-        assert set(r.timing) == {"total_s", "bn_s", "calib_s", "qat_s", "eval_s"} and r.timing["qat_s"] > 0
+        assert set(r.timing) == {"total_s", "bn_s", "calib_s", "qat_s", "eval_s", "threads"} and r.timing["qat_s"] > 0
     a, b = recs[2].to_subnet(), recs[3].to_subnet()
     assert (a.depths, a.kernels, a.widths) == (b.depths, b.kernels, b.widths) and a.bits != b.bits
 

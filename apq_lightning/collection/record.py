@@ -11,7 +11,10 @@ Record (one line)::
     {"key": "3f2a…", "subnet": {... subnet JSON, with "bits" for MP ...}, "acc": 0.8312,
      "index": 17, "seed": 0, "kind": "fp", "space": "apq_cifar", "supernet_hash": "9c1e…",
      "protocol": {"bn_batches": 4, "eval_images": 5000, ...},
-     "timing": {"total_s": 1.9, "bn_s": 0.4, "eval_s": 1.4, "qat_s": 0.0}}
+     "timing": {"total_s": 1.9, "bn_s": 0.4, "eval_s": 1.4, "qat_s": 0.0, "threads": 1}}
+
+``timing`` holds seconds per part of the measurement and ``threads``, the torch threads it ran on
+(older stores lack it).
 """
 
 from __future__ import annotations

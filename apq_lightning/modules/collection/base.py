@@ -188,6 +188,10 @@ class SubnetCollectionModule(L.LightningModule):
         }
 
     def record(self, subnet: Subnet, acc: float, index: int, kind: str, timing: dict[str, float]) -> SampleRecord:
+        """The store's record of one measured sample. ``timing`` also gets ``threads``, the torch
+        threads it ran on: a quantized label depends on them (a float sum's order moves values
+        across rounding edges; docs/collection.md §5.1), so a store says how to reproduce it."""
+        timing = {**timing, "threads": torch.get_num_threads()}
         return SampleRecord.measured(
             subnet, acc, index, self.seed, kind, self.supernet_hash, json_plain(self.protocol()), timing
         )
