@@ -40,6 +40,7 @@ from apq_lightning.final.results import (
     accuracy_vs_latency_plot,
     budget_constraints,
     budget_name,
+    finalist_diagnosis,
     results_rows,
     results_table,
     seed_run_dir,
@@ -419,7 +420,7 @@ def run_all(p: Preset, out: Path, data: list[str], supernet: str | None = None,
         plots = collect_plots(p, out)
         total_times = json.loads((out / "stage_times.json").read_text())
         results = {"preset": p.name, "budgets": [budget_name(b) for b in p.budgets],
-                   "finetune_seeds": list(p.finetune_seeds), "rows": rows,
+                   "finetune_seeds": list(p.finetune_seeds), "rows": rows, "diagnosis": finalist_diagnosis(rows),
                    "accuracy_vs_latency": None if figure is None else str(figure), "stage_seconds_this_run": times,
                    "stage_seconds_all_runs": total_times, "plots": str(plots)}
         (out / "results.json").write_text(json.dumps(results, indent=1))

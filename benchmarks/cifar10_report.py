@@ -27,7 +27,14 @@ if str(ROOT) not in sys.path:
 
 from apq_lightning.collection.reading import read_samples, store_files  # noqa: E402
 from apq_lightning.collection.store import merge_stores  # noqa: E402
-from apq_lightning.final.results import budget_label, budget_name, results_table  # noqa: E402
+from apq_lightning.final.results import (  # noqa: E402
+    accuracy_vs_latency_plot,
+    budget_label,
+    budget_name,
+    finalist_diagnosis,
+    results_rows,
+    results_table,
+)
 from apq_lightning.stages import PRESETS  # noqa: E402
 
 PRESET = PRESETS["cifar"]
@@ -72,9 +79,41 @@ def copy_plots(runs: Path, dest: Path) -> list[str]:
     return copied
 
 
-def supernet_section(runs: Path, dest: Path) -> str:
+GOALS = {"largest": 0.85, "smallest": 0.75, "mean of random subnets": 0.80}
+"""The issue's goals for the supernet (top-1 on the held-out images)."""
+
+
+def shipped_supernet_section(curves_path: Path, float_epochs: int, dest: Path) -> str:
+    """The supernet the run started from (``make pipeline SUPERNET=...``): its accuracies at the end
+    of its float phases from the training's per-epoch curves, the random-subnet mean from the FP
+    store (measured on exactly these weights), each next to its goal."""
+    lines = ["## 1. Supernet (trained in chunks, shipped as `weights/apq_cifar_supernet.pt`)", ""]
+    curves = _json(curves_path)
+    if not curves or len(curves) < float_epochs:
+        return "\n".join([*lines, MISSING])
+    end = curves[float_epochs - 1]
+    fp = dest / "samples_fp.jsonl"
+    accs = [r.acc for r in read_samples([fp])] if fp.is_file() else []
+    measured = {"largest": end.get("val/acc_largest"), "smallest": end.get("val/acc_smallest"),
+                "mean of random subnets": statistics.mean(accs) if accs else None}
+    lines += [f"Top-1 on the 5,000 held-out training images after BN re-calibration, at the end of the float "
+              f"phases (epoch {float_epochs - 1} of `{curves_path.name}`; the random-subnet mean over the "
+              f"{len(accs)} FP samples of stage 2, 2,000 held-out images each). How it was trained, phase by "
+              "phase: `docs/results/cifar10_study/README.md`.", "",
+              "| subnet | top-1 | goal | |", "|---|---|---|---|"]
+    for k, goal in GOALS.items():
+        v = measured[k]
+        lines.append(f"| {k} | {_f(v)} | ≥ {goal:.2f} | {'met' if v is not None and v >= goal else 'not met'} |")
+    if accs:
+        lines += ["", f"Random subnets: std {statistics.pstdev(accs):.3f}, min {min(accs):.3f}, max {max(accs):.3f}."]
+    return "\n".join(lines)
+
+
+def supernet_section(runs: Path, dest: Path, curves: Path | None = None, float_epochs: int = 0) -> str:
     summary = _json(runs / "supernet_cifar" / "summary.json")
     lines = ["## 1. Supernet (stage 1)", ""]
+    if summary is None and curves is not None:
+        return shipped_supernet_section(curves, float_epochs, dest)
     if summary is None:
         return "\n".join([*lines, MISSING])
     m = summary["metrics"]
@@ -94,10 +133,12 @@ def supernet_section(runs: Path, dest: Path) -> str:
 
 def predictor_section(runs: Path, counts: dict[str, int]) -> str:
     lines = ["## 2. Accuracy predictors (stages 3 and 5)", "",
-             "On the validation split of each store (`val_fraction: 0.1` of the architectures, never trained on: "
-             "about 80 FP and 12 MP samples, so the MP numbers rest on a few dozen pairs; section 3 scores MP "
-             "predictors on a larger fixed test split):", "",
-             "| predictor | samples | pairwise accuracy | Kendall τ | RMSE |", "|---|---|---|---|---|"]
+             "On the validation split of each store (`val_fraction: 0.1` by architecture, at least 8 "
+             "architectures, never trained on; the MP predictor also holds out a `test_fraction: 0.1` test split). "
+             "Pairwise accuracy overall, on pairs of two policies of one architecture (the bit signal) and on "
+             "pairs of two architectures:", "",
+             "| predictor | samples | pairwise | same-architecture pairs | different-architecture pairs | "
+             "Kendall τ | RMSE |", "|---|---|---|---|---|---|---|"]
     found = False
     for kind, title in (("fp", "FP (full precision)"), ("mp", "MP (transferred from FP)")):
         s = _json(runs / f"predictor_{kind}" / "summary.json")
@@ -105,8 +146,12 @@ def predictor_section(runs: Path, counts: dict[str, int]) -> str:
             continue
         found = True
         m = s["metrics"]
-        lines.append(f"| {title} | {counts.get(kind, '-')} | {_f(m.get('val/pairwise_acc'))} | "
-                     f"{_f(m.get('val/kendall_tau'))} | {_f(m.get('val/rmse'), 4)} |")
+        same = m.get("val/pairwise_acc_same_arch")
+        n_same = int(m.get("val/same_arch_pairs") or 0)
+        same_txt = "-" if same is None or not n_same else f"{same:.3f} ({n_same} pairs)"
+        lines.append(f"| {title} | {counts.get(kind, '-')} | {_f(m.get('val/pairwise_acc'))} | {same_txt} | "
+                     f"{_f(m.get('val/pairwise_acc_diff_arch'))} | {_f(m.get('val/kendall_tau'))} | "
+                     f"{_f(m.get('val/rmse'), 4)} |")
     if not found:
         return "\n".join(lines[:2] + [MISSING])
     lines += ["", "| FP predictor | MP predictor |", "|---|---|",
@@ -131,7 +176,10 @@ def bits_section(dest: Path) -> str:
         arch = json.dumps({k: v for k, v in r.subnet.items() if k != "bits"}, sort_keys=True)
         groups.setdefault(arch, []).append((_mean_bits(r.subnet), r.acc))
     accs = [a for g in groups.values() for _, a in g]
-    lines += [f"MP samples: top-1 after 30 QAT steps on 2,000 held-out images, mean {statistics.mean(accs):.3f}, "
+    protocol = (read_samples([mp])[0].protocol or {}).get("protocol", "short_qat")
+    how = ("scored inside the quantized-for-all supernet (protocol `qfa`)" if protocol == "qfa"
+           else f"after the short QAT (protocol `{protocol}`)")
+    lines += [f"MP samples: top-1 {how} on 2,000 held-out images, mean {statistics.mean(accs):.3f}, "
               f"std {statistics.pstdev(accs):.3f}, min {min(accs):.3f}, max {max(accs):.3f}.", ""]
     shared = [g for g in groups.values() if len(g) >= 5]
     if not shared:
@@ -139,7 +187,7 @@ def bits_section(dest: Path) -> str:
     spreads = [max(a for _, a in g) - min(a for _, a in g) for g in shared]
     rhos = [_spearman([b for b, _ in g], [a for _, a in g]) for g in shared]
     lines += [f"{len(shared)} architectures have 5 or more bit policies each ({sum(map(len, shared))} samples). "
-              f"Across the policies of one architecture, top-1 (after the 30-step QAT) spans "
+              f"Across the policies of one architecture, top-1 spans "
               f"{statistics.mean(spreads):.3f} on average (min {min(spreads):.3f}, max {max(spreads):.3f}); "
               f"the Spearman correlation of top-1 with the policy's mean bit width is "
               f"{statistics.mean(rhos):+.2f} on average (per architecture: "
@@ -163,11 +211,29 @@ def transfer_section(runs: Path) -> str:
     return "\n".join([*lines, *body, "", "![transfer study](cifar10/transfer_study.png)"])
 
 
+def run_results(runs: Path) -> tuple[dict | None, bool]:
+    """The driver's ``results.json`` (its data, not its Markdown), or -- while the run is still
+    going -- the same rows read from the finetunes finished so far; ``(results, partial)``."""
+    results = _json(runs / "pipeline_cifar" / "results.json")
+    if results is not None:
+        return results, False
+    rows = results_rows(PRESET.budgets, runs / "pipeline_cifar", PRESET.finetune_seeds)
+    if not rows:
+        return None, True
+    figure = accuracy_vs_latency_plot(rows, runs / "pipeline_cifar" / "accuracy_vs_latency.png")
+    return {"rows": rows, "finetune_seeds": list(PRESET.finetune_seeds),
+            "accuracy_vs_latency": None if figure is None else str(figure)}, True
+
+
 def table2_section(runs: Path) -> str:
-    results = _json(runs / "pipeline_cifar" / "results.json")  # the driver's data, not its Markdown
+    results, partial = run_results(runs)
     lines = ["## 4. APQ vs. fixed precision and the sequential pipeline (the shape of the paper's Table 2)", ""]
     if results is None:
         return "\n".join([*lines, MISSING])
+    if partial:
+        done = sum(len(r["achieved_accs"]) for r in results["rows"])
+        lines += [f"**Partial: the run is still going.** These rows are read from the {done} finetunes finished "
+                  "so far; a budget or method that is missing has not been reached yet.", ""]
     lines += ["Top-1 on the 10,000 CIFAR-10 test images after the same 300-step QAT finetune "
               "(`recipes/finetune_short.yaml`) for every method; latency and energy from the fitted BitFusion "
               "model; search s: wall time of the search on the predictors (2 CPU cores). `largest` and `random` "
@@ -183,6 +249,31 @@ def table2_section(runs: Path) -> str:
         lines += ["", "![accuracy vs latency](cifar10/accuracy_vs_latency.png)"]
     searches = [f"![search {budget_label(b)}](cifar10/search_{budget_name(b)}.png)" for b in PRESET.budgets]
     return "\n".join([*lines, "", *searches])
+
+
+def diagnosis_section(runs: Path) -> str:
+    """Where APQ loses, if it does (:func:`~apq_lightning.final.results.finalist_diagnosis`)."""
+    results, _ = run_results(runs)
+    lines = ["## 5. Where the margins come from: search or predictor", ""]
+    if results is None:
+        return "\n".join([*lines, MISSING])
+    found = finalist_diagnosis(results["rows"])
+    if not found:
+        return "\n".join([*lines, "_No budget has APQ and a baseline finetuned yet._"])
+    lines += ["Per budget, among the finetuned methods within it: the MP predictor's accuracy for each finalist "
+              "(with its real bits) next to the achieved top-1 (mean over the seeds). *search*: a baseline's "
+              "subnet that the predictor rates above APQ's lay in APQ's space and budget, so the joint search "
+              "missed it. *predictor*: the predictor rated APQ's subnet highest and the finetune did not. "
+              "Pairs ordered right: the share of finalist pairs the predictor orders as the finetune does.", "",
+              "| budget | APQ predicted / achieved | best baseline | its predicted / achieved | "
+              "APQ's rank predicted / achieved | pairs ordered right | reading |",
+              "|---|---|---|---|---|---|---|"]
+    for d in found:
+        lines.append(f"| {d['budget_label']} | {d['apq_predicted']:.3f} / {d['apq_achieved']:.3f} | {d['best']} | "
+                     f"{d['best_predicted']:.3f} / {d['best_achieved']:.3f} | {d['apq_rank_predicted']} / "
+                     f"{d['apq_rank_achieved']} of {d['finalists']} | {_f(d['pairs_ordered_right'], 2)} | "
+                     f"{d['reading']} |")
+    return "\n".join(lines)
 
 
 def plan_section(runs: Path) -> str:
@@ -219,27 +310,36 @@ def plan_section(runs: Path) -> str:
 REPRODUCE = """## Reproduce
 
 ```bash
-make pipeline DATA=path/to/cifar10-jpeg.tar.gz                                   # everything, resumable
-make pipeline DATA=path/to/cifar10-jpeg.tar.gz SUPERNET=weights/apq_cifar_supernet.pt   # from stage 2
-python benchmarks/cifar10_report.py --runs . --out docs/results                  # this page
+make pipeline DATA=path/to/cifar10-jpeg.tar.gz                       # everything, from stage 1, resumable
+make pipeline DATA=path/to/cifar10-jpeg.tar.gz SUPERNET=weights/apq_cifar_supernet.pt \\
+    QFA_SUPERNET=weights/apq_cifar_qfa_supernet.pt                    # this run: from stage 2
+python benchmarks/cifar10_report.py --runs . --out docs/results \\
+    --supernet-curves docs/results/cifar10_study/supernet_curves.json   # this page
 ```
 
-Single numbers: supernet `apq fit --config recipes/supernet_cifar.yaml --data.init_args.root DATA --ckpt_path last`;
-predictors `apq fit --config recipes/predictor_{fp,mp}.yaml` (on the stores in `docs/results/cifar10/`, pass
-`--data.init_args.stores '[docs/results/cifar10/samples_fp.jsonl]'`); transfer study
-`apq transfer-study --fp-stores docs/results/cifar10/samples_fp.jsonl --mp-stores docs/results/cifar10/samples_mp.jsonl
---sizes 25,50,100,all --seeds 0,1,2 --epochs 150 --out runs/transfer_study`; a search
-`apq search --predictor runs/predictor_mp/checkpoints/last.ckpt --hardware bitfusion --constraint latency_ms=0.45`;
-its final model `apq final --search r.json --supernet weights/apq_cifar_supernet.pt --recipe recipes/finetune_short.yaml
---data.init_args.root DATA`; the baselines `apq baselines --fp-predictor … --mp-predictor … --constraint latency_ms=0.45
---methods fp-search,sequential --bits 8,6,4 --finetune --supernet weights/apq_cifar_supernet.pt
---recipe recipes/finetune_short.yaml --data.init_args.root DATA`."""
+The stores of `docs/results/cifar10/` are complete, so copying them into `runs/collect_fp_cifar/` and
+`runs/collect_mp_cifar/` (as `samples.rank0.jsonl`) makes stages 2 and 4 find nothing left to measure
+(`docs/results/cifar10_study/README.md`, "Continuing the study"). Single numbers: predictors
+`apq fit --config recipes/predictor_{fp,mp}.yaml`; transfer study `apq transfer-study --fp-stores
+docs/results/cifar10/samples_fp.jsonl --mp-stores docs/results/cifar10/samples_mp.jsonl --sizes 25,50,100,all
+--seeds 0,1,2 --epochs 150 --out runs/transfer_study`; a search `apq search --predictor
+runs/predictor_mp/checkpoints/last.ckpt --hardware bitfusion --constraint latency_ms=0.75`; its final model
+`apq final --search r.json --supernet weights/apq_cifar_supernet.pt --recipe recipes/finetune_short.yaml
+--data.init_args.root DATA --seed_everything 0`; the baselines `apq baselines --fp-predictor … --mp-predictor …
+--constraint latency_ms=0.75 --methods fp-search,sequential --bits 8,6,4 --finetune --finetune-seeds 0,1,2
+--float-reference --supernet weights/apq_cifar_supernet.pt --recipe recipes/finetune_short.yaml
+--data.init_args.root DATA`."""
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", required=True, help="the folder `make pipeline` ran in (it holds runs/)")
     ap.add_argument("--out", default="docs/results", help="where cifar10.md and cifar10/ go")
+    ap.add_argument("--supernet-curves", default=None,
+                    help="per-epoch curves of the shipped supernet's training, for a run that started at stage 2 "
+                         "(e.g. docs/results/cifar10_study/supernet_curves.json)")
+    ap.add_argument("--float-epochs", type=int, default=35,
+                    help="epochs of the float phases in --supernet-curves (the quant phase follows)")
     args = ap.parse_args(argv)
     runs = Path(args.runs) / "runs"
     if not runs.is_dir():
@@ -256,11 +356,13 @@ def main(argv: list[str] | None = None) -> int:
         "the sample stores are in `docs/results/cifar10/` "
         f"({', '.join(f'{n} {k.upper()}' for k, n in counts.items()) or 'none yet'}).",
         plan_section(runs),
-        supernet_section(runs, dest),
+        supernet_section(runs, dest, Path(args.supernet_curves) if args.supernet_curves else None,
+                         args.float_epochs),
         predictor_section(runs, counts),
         bits_section(dest),
         transfer_section(runs),
         table2_section(runs),
+        diagnosis_section(runs),
         "## Reading the results\n\n" + (notes.read_text().strip() if notes.is_file() else MISSING),
         REPRODUCE,
     ]

@@ -14,10 +14,12 @@ from test_stages import FakeApq
 
 from apq_lightning import stages
 from apq_lightning.final.results import (
+    APQ,
     accuracy_vs_latency_plot,
     budget_constraints,
     budget_label,
     budget_name,
+    finalist_diagnosis,
     paired_difference,
     results_rows,
     results_table,
@@ -85,6 +87,25 @@ def test_rows_pair_every_seed_with_apqs_and_show_the_float_reference(tmp_path):
     png = accuracy_vs_latency_plot(rows, tmp_path / "fig" / "accuracy_vs_latency.png")
     assert png is not None and png.stat().st_size > 5000
     assert accuracy_vs_latency_plot([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_diagnosis_names_the_search_or_the_predictor_when_apq_loses():
+    def row(budget: str, method: str, pred: float, ach: float, status: str = "within") -> dict:
+        return {"budget": budget, "budget_label": budget, "method": method, "status": status,
+                "predicted_acc": pred, "achieved_acc": ach}
+
+    rows = [row("a", APQ, 0.80, 0.81), row("a", "fp-search@8bit", 0.78, 0.80),
+            row("b", APQ, 0.80, 0.79), row("b", "fp-search@6bit", 0.82, 0.80), row("b", "sequential", 0.79, 0.78),
+            row("c", APQ, 0.83, 0.79), row("c", "fp-search@8bit", 0.80, 0.80), row("c", "sequential", 0.79, 0.78),
+            row("c", "fp-search@4bit", 0.90, 0.95, status="over"),  # over the budget: not a finalist
+            row("d", APQ, 0.80, 0.80)]  # no baseline finetuned yet
+    a, b, c = finalist_diagnosis(rows)
+    assert (a["budget"], a["reading"], a["apq_rank_achieved"]) == ("a", "APQ ahead", 1)
+    assert b["reading"] == "search: the predictor rates fp-search@6bit above APQ's subnet"
+    assert b["search_missed"] == ["fp-search@6bit"] and b["apq_rank_predicted"] == 2
+    assert c["reading"].startswith("predictor") and c["finalists"] == 3 and c["best"] == "fp-search@8bit"
+    assert (c["apq_rank_predicted"], c["apq_rank_achieved"]) == (1, 2)
+    assert c["pairs_ordered_right"] == pytest.approx(2 / 3)  # APQ vs fp-search@8bit is the misordered pair
 
 
 def test_driver_finetunes_every_seed_the_float_reference_and_energy_budgets(tmp_path, monkeypatch):

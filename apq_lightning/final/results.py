@@ -139,6 +139,57 @@ def _row(method: str, budget: Budget, pred: object, accs: Sequence[Any], r: dict
             "search_s": float(search) if search else None}
 
 
+# ---- where APQ loses ------------------------------------------------------------------------------
+def _pairs_ordered_right(pred: Sequence[float], true: Sequence[float]) -> float | None:
+    pairs = [(i, j) for i in range(len(pred)) for j in range(i + 1, len(pred)) if true[i] != true[j]]
+    if not pairs:
+        return None
+    return sum((pred[i] - pred[j]) * (true[i] - true[j]) > 0 for i, j in pairs) / len(pairs)
+
+
+def finalist_diagnosis(rows: Sequence[dict]) -> list[dict]:
+    """Per budget with APQ and at least one finetuned baseline (within the budget): whether APQ is
+    ahead on achieved top-1 and, if not, where the loss comes from.
+
+    * ``search`` -- a baseline's subnet that the MP predictor itself rates above APQ's: it lies in
+      APQ's space and under the same budget, so the joint search should have found it;
+    * ``predictor`` -- the predictor rated APQ's subnet highest of the finalists and the finetune
+      did not (the predictor misorders the finalists).
+
+    Also the predicted and achieved rank of APQ's subnet among the finalists and the share of
+    finalist pairs the predictor orders as the finetune does.
+    """
+    by_budget: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("achieved_acc") is not None and r.get("predicted_acc") is not None and r.get("status") == "within":
+            by_budget.setdefault(r["budget"], []).append(r)
+    out = []
+    for budget, finalists in by_budget.items():
+        apq = next((r for r in finalists if r["method"] == APQ), None)
+        others = [r for r in finalists if r["method"] != APQ]
+        if apq is None or not others:
+            continue
+        best = max(others, key=lambda r: r["achieved_acc"])
+        pred = [r["predicted_acc"] for r in finalists]
+        true = [r["achieved_acc"] for r in finalists]
+        missed = [r["method"] for r in others if r["predicted_acc"] > apq["predicted_acc"]]
+        if apq["achieved_acc"] >= best["achieved_acc"]:
+            reading = "APQ ahead"
+        elif missed:
+            reading = f"search: the predictor rates {', '.join(missed)} above APQ's subnet"
+        else:
+            reading = "predictor: it rated APQ's subnet highest; the finetune did not"
+        out.append({"budget": budget, "budget_label": apq.get("budget_label", budget), "finalists": len(finalists),
+                    "apq_predicted": apq["predicted_acc"], "apq_achieved": apq["achieved_acc"],
+                    "best": best["method"], "best_predicted": best["predicted_acc"],
+                    "best_achieved": best["achieved_acc"],
+                    "apq_rank_predicted": 1 + sum(p > apq["predicted_acc"] for p in pred),
+                    "apq_rank_achieved": 1 + sum(t > apq["achieved_acc"] for t in true),
+                    "pairs_ordered_right": _pairs_ordered_right(pred, true), "search_missed": missed,
+                    "reading": reading})
+    return out
+
+
 # ---- table ----------------------------------------------------------------------------------------
 def _fmt(v: object, digits: int = 3) -> str:
     if v is None:
@@ -222,4 +273,4 @@ def accuracy_vs_latency_plot(rows: list[dict], path: Path) -> Path | None:
 
 
 __all__ = ["APQ", "Budget", "accuracy_vs_latency_plot", "budget_constraints", "budget_label", "budget_latency",
-           "budget_name", "paired_difference", "results_rows", "results_table", "seed_run_dir"]
+           "budget_name", "finalist_diagnosis", "paired_difference", "results_rows", "results_table", "seed_run_dir"]
