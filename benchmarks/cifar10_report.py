@@ -348,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     dest = out / "cifar10"
     dest.mkdir(parents=True, exist_ok=True)
     counts = copy_stores(runs, dest)
+    run_results(runs)  # a partial run's accuracy-vs-latency figure is drawn here, before the plots are copied
     copy_plots(runs, dest)
     notes = dest / "notes.md"
     sections = [
