@@ -107,13 +107,32 @@ def _aten_fq(x: torch.Tensor, v: float, bits: int, signed: bool) -> torch.Tensor
     return torch.fake_quantize_per_tensor_affine(x, s, torch.zeros(1, dtype=torch.int32), qmin, qmax)
 
 
+@pytest.fixture(params=["torch passes", "compiled loop"])
+def cpu_path(request, monkeypatch):
+    """Both ways the fast path computes values: torch's four passes (several threads) and the
+    compiled loop (one thread; every tensor size, for the test)."""
+    from apq_lightning.quant import cpu_kernel
+
+    if request.param == "torch passes":
+        monkeypatch.setattr(cpu_kernel, "_LOOP_MIN", 2**62)
+        yield request.param
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(cpu_kernel, "_LOOP_MIN", 0)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("bits", SUPPORTED_BITS)
 @pytest.mark.parametrize("signed", [True, False])
-def test_cpu_fast_path_is_pytorchs_op_bit_for_bit(bits: int, signed: bool) -> None:
+def test_cpu_fast_path_is_pytorchs_op_bit_for_bit(bits: int, signed: bool, cpu_path: str) -> None:
     """The vectorised CPU path (LinearQuantizer.fast_cpu) returns torch.fake_quantize_per_tensor_affine's
     values bit for bit (signed zeros included) and its gradients (up to the sign of a zero gradient):
     exact ties, one to four ulps either side of every tie and range edge, out-of-range and
-    non-finite inputs, a flat odd-length tensor and a channels_last one."""
+    non-finite inputs, a flat odd-length tensor and a channels_last one; in place too."""
     g = torch.Generator().manual_seed(bits * 2 + signed)
     qmax = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
     qmin = -qmax if signed else 0
@@ -147,6 +166,11 @@ def test_cpu_fast_path_is_pytorchs_op_bit_for_bit(bits: int, signed: bool) -> No
             assert torch.equal(xa.grad, xb.grad), (v, inp.shape)
             with torch.no_grad():  # no autograd node: same values
                 assert torch.equal(q_fast(inp), a.detach())
+                q_fast.overwrite_input = True  # in place: the same bits, written into the input
+                inp_copy = inp.clone()
+                out = q_fast(inp_copy)
+                assert out.data_ptr() == inp_copy.data_ptr()
+                assert torch.equal(out.view(torch.int32), a.detach().view(torch.int32))
 
 
 def test_quantizer_never_serves_a_stale_range() -> None:
