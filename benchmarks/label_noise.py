@@ -124,14 +124,15 @@ def qfa_label(qnet, subnet, bn, halves, overwrite: bool = True) -> tuple[list[fl
     private = [m for m in qnet.modules() if isinstance(m, LinearQuantizer) and m.overwrite_input]
     for m in private:
         m.overwrite_input = overwrite
-    t = time.perf_counter()
-    qnet.set_active(subnet)
-    reestimate_supernet(qnet, [x for x, _ in bn])
-    accs = [top1(qnet, h) for h in halves]
-    seconds = time.perf_counter() - t
-    for m in private:
-        m.overwrite_input = True
-    return accs, seconds
+    try:
+        t = time.perf_counter()
+        qnet.set_active(subnet)
+        reestimate_supernet(qnet, [x for x, _ in bn])
+        accs = [top1(qnet, h) for h in halves]
+        return accs, time.perf_counter() - t
+    finally:
+        for m in private:
+            m.overwrite_input = True
 
 
 def summarize(labels: dict[int, list[list[float]]]) -> dict[str, float]:
