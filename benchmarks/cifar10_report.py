@@ -259,7 +259,8 @@ def diagnosis_section(runs: Path) -> str:
         return "\n".join([*lines, MISSING])
     found = finalist_diagnosis(results["rows"])
     if not found:
-        return "\n".join([*lines, "_No budget has APQ and a baseline finetuned yet._"])
+        return "\n".join([*lines, "_No budget has APQ and a baseline finetuned yet._", "",
+                          finalist_labels_table(runs, results["rows"])])
     lines += ["Per budget, among the finetuned methods within it: the MP predictor's accuracy for each finalist "
               "(with its real bits) next to the achieved top-1 (mean over the seeds). *search*: a baseline's "
               "subnet that the predictor rates above APQ's lay in APQ's space and budget, so the joint search "
@@ -273,6 +274,28 @@ def diagnosis_section(runs: Path) -> str:
                      f"{d['best_predicted']:.3f} / {d['best_achieved']:.3f} | {d['apq_rank_predicted']} / "
                      f"{d['apq_rank_achieved']} of {d['finalists']} | {_f(d['pairs_ordered_right'], 2)} | "
                      f"{d['reading']} |")
+    return "\n".join([*lines, "", finalist_labels_table(runs, results["rows"])])
+
+
+def finalist_labels_table(runs: Path, rows: list[dict]) -> str:
+    """Predicted accuracy, measured `qfa` label and finetuned top-1 of every finalist, from
+    ``benchmarks/finalist_labels.py``'s file when it has been run."""
+    doc = _json(runs / "pipeline_cifar" / "finalist_labels.json")
+    if doc is None:
+        return ("_The finalists' measured labels: run `python benchmarks/finalist_labels.py --run "
+                "runs/pipeline_cifar --data DATA --qfa-supernet weights/apq_cifar_qfa_supernet.pt`._")
+    achieved = {(r["budget"], r["method"]): r["achieved_acc"] for r in rows}
+    lines = [f"Every finalist measured like an MP sample (`qfa`, {doc['eval_images']} held-out images; "
+             "`benchmarks/finalist_labels.py`): a prediction far above the label means the search drove the "
+             "predictor beyond its samples.", "",
+             "| budget | method | predicted | `qfa` label | predicted − label | achieved top-1 |",
+             "|---|---|---|---|---|---|"]
+    for budget, methods in doc["budgets"].items():
+        for method, v in methods.items():
+            pred, lab = v.get("predicted"), v["qfa_label"]
+            gap = "-" if pred is None else f"{pred - lab:+.3f}"
+            lines.append(f"| {budget_label(budget)} | {method} | {_f(pred)} | {lab:.3f} | {gap} | "
+                         f"{_f(achieved.get((budget, method)))} |")
     return "\n".join(lines)
 
 

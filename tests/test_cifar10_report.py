@@ -24,6 +24,7 @@ def test_partial_run_page_shows_what_is_finished_and_the_diagnosis(tmp_path):
     assert report.main(["--runs", str(tmp_path / "study"), "--out", str(out)]) == 0
     empty = (out / "cifar10.md").read_text()
     assert empty.count(report.MISSING) >= 5 and "Partial" not in empty  # nothing produced: says so, invents nothing
+    assert "qfa label" not in empty
 
     budget = report.budget_name(report.PRESET.budgets[0])
     final = runs / "pipeline_cifar" / "final"
@@ -34,6 +35,8 @@ def test_partial_run_page_shows_what_is_finished_and_the_diagnosis(tmp_path):
     _write(runs / "pipeline_cifar" / "baselines" / budget / "baselines.json", {"rows": [
         {"method": "fp-search@8bit", "predicted_acc": 0.84, "achieved_accs": [0.815, 0.816, 0.812],
          "latency_ms": 0.45, "within_budget": True}]})
+    _write(runs / "pipeline_cifar" / "finalist_labels.json", {"eval_images": 2000, "budgets": {budget: {
+        "fp-search@8bit": {"predicted": 0.84, "qfa_label": 0.79}}}})  # benchmarks/finalist_labels.py's file
     curves = [{"epoch": e, "val/acc_largest": 0.8, "val/acc_smallest": 0.7} for e in range(3)]
     _write(tmp_path / "curves.json", curves)
     assert report.main(["--runs", str(tmp_path / "study"), "--out", str(out), "--supernet-curves",
@@ -43,5 +46,6 @@ def test_partial_run_page_shows_what_is_finished_and_the_diagnosis(tmp_path):
     assert "| APQ (joint search) | 0.5 ms | 0.830 | 0.811 ± 0.001 (n=3) |" in page
     assert "| +0.003 ± 0.001 |" in page  # the paired difference to APQ, seed by seed
     assert "search: the predictor rates fp-search@8bit above APQ's subnet" in page
+    assert "| 0.5 ms | fp-search@8bit | 0.840 | 0.790 | +0.050 | 0.814 |" in page  # predicted, label, achieved
     assert "| largest | 0.800 | ≥ 0.85 | not met |" in page and "epoch 1 of `curves.json`" in page
     assert (out / "cifar10" / "accuracy_vs_latency.png").stat().st_size > 5000  # the partial run's figure too
