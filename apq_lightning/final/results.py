@@ -20,6 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from apq_lightning.metrics import pairwise_accuracy
+
 Budget = float | str
 """A budget of the pipeline: a float is a BitFusion latency budget in ms; a string is one or more
 constraints joined by ``+``, e.g. ``"latency_ms=0.7+energy_mJ=0.5"`` (``apq search --constraint``
@@ -140,11 +144,10 @@ def _row(method: str, budget: Budget, pred: object, accs: Sequence[Any], r: dict
 
 
 # ---- where APQ loses ------------------------------------------------------------------------------
-def _pairs_ordered_right(pred: Sequence[float], true: Sequence[float]) -> float | None:
-    pairs = [(i, j) for i in range(len(pred)) for j in range(i + 1, len(pred)) if true[i] != true[j]]
-    if not pairs:
-        return None
-    return sum((pred[i] - pred[j]) * (true[i] - true[j]) > 0 for i, j in pairs) / len(pairs)
+def _pairwise(pred: Sequence[float], true: Sequence[float]) -> float | None:
+    """:func:`~apq_lightning.metrics.pairwise_accuracy` of the finalists (None without a pair)."""
+    acc = float(pairwise_accuracy(torch.tensor(pred), torch.tensor(true)))
+    return None if math.isnan(acc) else acc
 
 
 def finalist_diagnosis(rows: Sequence[dict]) -> list[dict]:
@@ -185,7 +188,7 @@ def finalist_diagnosis(rows: Sequence[dict]) -> list[dict]:
                     "best_achieved": best["achieved_acc"],
                     "apq_rank_predicted": 1 + sum(p > apq["predicted_acc"] for p in pred),
                     "apq_rank_achieved": 1 + sum(t > apq["achieved_acc"] for t in true),
-                    "pairs_ordered_right": _pairs_ordered_right(pred, true), "search_missed": missed,
+                    "pairs_ordered_right": _pairwise(pred, true), "search_missed": missed,
                     "reading": reading})
     return out
 
