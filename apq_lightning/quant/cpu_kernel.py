@@ -110,7 +110,7 @@ def _fq_values(x: Tensor, scale: float, inv_scale: float, qmin: int, qmax: int, 
     # the op computes in double and rounds once) and turns -0.0 into +0.0, as the op does.
     # inplace: the result is written into x itself (the same values; no new tensor).
     # A dense float32 tensor goes through one compiled loop (numba): one read and one write per
-    # element instead of four of each, 2.7-3x faster on one thread, bit for bit the same.
+    # element instead of four of each, faster on one thread (docs/collection.md §5.1), bit for bit the same.
     src = _dense(x) if x.numel() >= _LOOP_MIN and torch.get_num_threads() == 1 else None
     if src is not None:
         f32 = np.float32
@@ -180,7 +180,7 @@ def fake_quantize_cpu_prepared(
     ``overwrite=True``: when autograd is off (evaluation, BN re-estimation), the result is
     written into ``x`` itself, for a caller that knows nothing else reads ``x``. On a CPU this
     pass is memory-bound and a fresh output tensor costs as much again (page faults on new
-    memory for a large activation): in place it is about 2x faster. With autograd on, ``x`` is
+    memory for a large activation): in place saves that (docs/collection.md §5.1). With autograd on, ``x`` is
     left alone whatever ``overwrite`` says."""
     if torch.is_grad_enabled():
         if x.requires_grad:

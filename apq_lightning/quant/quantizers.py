@@ -125,8 +125,8 @@ class LinearQuantizer(nn.Module):
     overwrite_input: bool = False
     """Set (per instance) by an owner whose input is read by nothing else -- e.g. a ReLU6 output
     inside an elastic block (:attr:`~apq_lightning.layout.LayerSpec.input_private`): without
-    autograd, the CPU fast path then quantizes that input in place (about 2x faster on large
-    activations; the same values). Never saved: the owner decides when it builds the quantizer."""
+    autograd, the CPU fast path then quantizes that input in place (no new tensor; the same
+    values). Never saved: the owner decides when it builds the quantizer."""
 
     def __init__(
         self,
