@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from apq_lightning.collection.measure import cache_batches, measure_qfa  # noqa: E402
 from apq_lightning.data import ImageDataModule  # noqa: E402
 from apq_lightning.final.results import APQ  # noqa: E402
-from apq_lightning.metrics import top1  # noqa: E402
 from apq_lightning.outputs import write_json  # noqa: E402
-from apq_lightning.quant.supernet import is_batch_quantized, reestimate_supernet  # noqa: E402
+from apq_lightning.quant.supernet import is_batch_quantized  # noqa: E402
 from apq_lightning.space import Subnet  # noqa: E402
 from apq_lightning.supernet_io import load_supernet  # noqa: E402
 
@@ -52,26 +52,6 @@ def finalists(run: Path) -> dict[str, dict[str, dict[str, Any]]]:
                     out.setdefault(path.parent.name, {})[row["method"]] = {
                         "subnet": row["subnet"], "predicted": row.get("predicted_acc")}
     return out
-
-
-def label(qnet, subnet: Subnet, bn: list, images: list) -> float:
-    """Top-1 of ``subnet`` (with its bits) inside the quantized-for-all supernet, BN and ranges
-    re-estimated on ``bn`` (the MP collection's ``qfa`` protocol)."""
-    qnet.set_active(subnet)
-    reestimate_supernet(qnet, [x for x, _ in bn])
-    return top1(qnet, images)
-
-
-def _batches(loader, max_images: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    xs, ys, seen = [], [], 0
-    for x, y in loader:
-        xs.append(x[: max_images - seen])
-        ys.append(y[: max_images - seen])
-        seen += len(ys[-1])
-        if seen >= max_images:
-            break
-    x, y = torch.cat(xs).contiguous(memory_format=CL), torch.cat(ys)
-    return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,14 +76,13 @@ def main(argv: list[str] | None = None) -> int:
     dm = ImageDataModule("digits" if digits else "cifar10", root=None if digits else args.data,
                          image_size=qnet.space.image_size)
     dm.setup("fit")
-    bn = _batches(dm.calib_dataloader(args.bn_batches, args.bn_batch_size), args.bn_batches * args.bn_batch_size,
-                  args.bn_batch_size)
-    images = _batches(dm.heldout_dataloader(args.eval_batch_size), args.eval_images, args.eval_batch_size)
+    bn = [x for x, _ in cache_batches(dm.calib_dataloader(args.bn_batches, args.bn_batch_size), channels_last=True)]
+    images = cache_batches(dm.heldout_dataloader(args.eval_batch_size), args.eval_images, channels_last=True)
     result: dict[str, Any] = {"qfa_supernet": args.qfa_supernet, "eval_images": sum(len(y) for _, y in images),
                               "budgets": {}}
     for budget, methods in found.items():
         for method, f in methods.items():
-            acc = label(qnet, Subnet.from_dict(f["subnet"], qnet.space), bn, images)
+            acc = measure_qfa(qnet, Subnet.from_dict(f["subnet"], qnet.space), bn, images).acc
             result["budgets"].setdefault(budget, {})[method] = {"predicted": f["predicted"], "qfa_label": acc}
             pred = "-" if f["predicted"] is None else f"{f['predicted']:.4f}"
             print(f"{budget:>32} {method:>22}: predicted {pred}, qfa label {acc:.4f}", flush=True)

@@ -41,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from apq_lightning.collection.measure import measure_qfa  # noqa: E402
 from apq_lightning.data import ImageDataModule  # noqa: E402
 from apq_lightning.metrics import top1  # noqa: E402
 from apq_lightning.modules.collection.qat import ShortQAT, short_qat  # noqa: E402
@@ -48,7 +49,7 @@ from apq_lightning.outputs import write_json  # noqa: E402
 from apq_lightning.quant import quantize_subnet  # noqa: E402
 from apq_lightning.quant.quantizers import LinearQuantizer  # noqa: E402
 from apq_lightning.quant.subnet import clone_float  # noqa: E402
-from apq_lightning.quant.supernet import is_batch_quantized, reestimate_supernet  # noqa: E402
+from apq_lightning.quant.supernet import is_batch_quantized  # noqa: E402
 from apq_lightning.space.policy_sampling import sample_policy  # noqa: E402
 from apq_lightning.supernet import recalibrate_bn  # noqa: E402
 from apq_lightning.supernet_io import load_supernet  # noqa: E402
@@ -126,9 +127,7 @@ def qfa_label(qnet, subnet, bn, halves, overwrite: bool = True) -> tuple[list[fl
         m.overwrite_input = overwrite
     try:
         t = time.perf_counter()
-        qnet.set_active(subnet)
-        reestimate_supernet(qnet, [x for x, _ in bn])
-        accs = [top1(qnet, h) for h in halves]
+        accs = [measure_qfa(qnet, subnet, [x for x, _ in bn], halves[0]).acc, top1(qnet, halves[1])]
         return accs, time.perf_counter() - t
     finally:
         for m in private:

@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 from apq_lightning.metrics import top1
+from apq_lightning.quant.supernet import reestimate_supernet
 from apq_lightning.space import Subnet
 from apq_lightning.supernet import Supernet, recalibrate_bn
 
-__all__ = ["FPMode", "FP_MODES", "cache_batches", "measure_fp"]
+__all__ = ["FPMode", "FP_MODES", "cache_batches", "measure_fp", "measure_qfa"]
 
 FPMode = Literal["inplace", "extract"]
 FP_MODES: tuple[str, ...] = ("inplace", "extract")
@@ -64,6 +65,8 @@ def cache_batches(
 
 @dataclass
 class FPResult:
+    """One measured accuracy and where its seconds went (FP and ``qfa`` samples alike)."""
+
     acc: float
     bn_s: float
     eval_s: float
@@ -101,3 +104,21 @@ def measure_fp(
     acc = top1(model, eval_batches)
     t3 = time.perf_counter()
     return FPResult(acc=acc, bn_s=t2 - t1, eval_s=t3 - t2, total_s=t3 - t0)
+
+
+def measure_qfa(
+    supernet: Supernet,
+    subnet: Subnet,
+    bn_images: Iterable[torch.Tensor],
+    eval_batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+) -> FPResult:
+    """Accuracy of ``subnet`` with its bits inside a quantized-for-all supernet: activated, its
+    BatchNorm statistics and activation ranges re-estimated on ``bn_images``, evaluated (stage 4's
+    ``qfa`` protocol). Leaves ``subnet`` active."""
+    t0 = time.perf_counter()
+    supernet.set_active(subnet)
+    reestimate_supernet(supernet, bn_images)
+    t1 = time.perf_counter()
+    acc = top1(supernet, eval_batches)
+    t2 = time.perf_counter()
+    return FPResult(acc=acc, bn_s=t1 - t0, eval_s=t2 - t1, total_s=t2 - t0)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from apq_lightning.collection.measure import measure_qfa
 from apq_lightning.collection.record import MP_KINDS, SampleRecord
 from apq_lightning.collection.sampling import MPSampling, arch_index, mp_subnet, qat_seed
 from apq_lightning.metrics import top1
@@ -27,7 +28,7 @@ from apq_lightning.modules.collection.base import CL, ImageSets, SubnetCollectio
 from apq_lightning.modules.collection.qat import ShortQAT, short_qat
 from apq_lightning.quant import check_method, quantize_subnet
 from apq_lightning.quant.subnet import FixedBits, clone_float, resolve_fixed_bits
-from apq_lightning.quant.supernet import is_batch_quantized, reestimate_supernet
+from apq_lightning.quant.supernet import is_batch_quantized
 from apq_lightning.space import Subnet
 from apq_lightning.supernet import recalibrate_bn
 
@@ -168,15 +169,10 @@ class MPCollectionModule(SubnetCollectionModule):
         return self.measure_short_qat(index, kind, subnet)
 
     def measure_qfa(self, index: int, kind: str, subnet: Subnet) -> SampleRecord:
-        t0 = time.perf_counter()
         with torch.inference_mode(False):
-            self.supernet.set_active(subnet)
-            reestimate_supernet(self.supernet, self.bn_images())
-            t1 = time.perf_counter()
-            acc = top1(self.supernet, self.eval_batches())
-        t2 = time.perf_counter()
-        timing = {"total_s": t2 - t0, "bn_s": t1 - t0, "calib_s": 0.0, "qat_s": 0.0, "eval_s": t2 - t1}
-        return self.record(subnet, acc, index, kind, timing)
+            res = measure_qfa(self.supernet, subnet, self.bn_images(), self.eval_batches())
+        timing = {"total_s": res.total_s, "bn_s": res.bn_s, "calib_s": 0.0, "qat_s": 0.0, "eval_s": res.eval_s}
+        return self.record(subnet, res.acc, index, kind, timing)
 
     def measure_short_qat(self, index: int, kind: str, subnet: Subnet) -> SampleRecord:
         h = self.hparams
