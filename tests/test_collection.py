@@ -566,7 +566,7 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(tiny_ckpt: Path, tiny_qf
                                                         kind: str, sig: int):
     """kill -9 at a random moment; and a plain ``kill`` (SIGTERM), which must stop the collection
     after the sample in progress (Lightning's predict loop alone would run on)."""
-    out, n = tmp_path / kind, 10
+    out, n = tmp_path / kind, 40 if kind == "fp" else 10  # a tiny FP sample takes tens of ms: more of them
     args = (_cli_args("collect_fp_tiny.yaml", tiny_ckpt, out, n) if kind == "fp" else
             _cli_args("collect_mp_tiny.yaml", tiny_qfa_ckpt, out, n, "--model.init_args.protocol", "qfa"))
     cmd = [sys.executable, "-m", "apq_lightning.cli", *args]
@@ -574,13 +574,18 @@ def test_kill_9_then_rerun_loses_and_duplicates_nothing(tiny_ckpt: Path, tiny_qf
     rng = random.Random()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        target = rng.randint(1, 4)  # kill after 1-4 finished samples, at a random moment within the next one
-        deadline = time.time() + 300
+        target = rng.randint(2, 4)  # kill after 2-4 finished samples, at a random moment within the next one
+        deadline, first, done = time.time() + 300, None, 0
         while time.time() < deadline and proc.poll() is None:
-            if store.is_file() and store.read_bytes().count(b"\n") >= target:
+            done = store.read_bytes().count(b"\n") if store.is_file() else 0
+            if done and first is None:
+                first = (time.time(), done)
+            if done >= target:
                 break
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.5))
+            time.sleep(0.005)
+        # within one sample's time, as measured on this machine (a fixed sleep outlasts the whole run on a fast one)
+        per_sample = (time.time() - first[0]) / max(done - first[1], 1) if first else 0.1
+        time.sleep(rng.uniform(0.0, min(per_sample, 0.5)))
         proc.send_signal(sig)
         if sig == signal.SIGTERM:
             proc.wait(timeout=60)  # stops by itself
