@@ -236,9 +236,8 @@ class LinearQuantizer(nn.Module):
             # evaluation: the running range is fixed from batch to batch, so its scale, reciprocal
             # and STE window are cached as a calibrated range's are (a dozen small ops less per call)
             _, qmin, qmax, _, _, cpu = self._qparams()
-            if cpu is not None and self.fast_cpu and x.dtype == torch.float32 and x.device.type == "cpu":
-                return fake_quantize_cpu_prepared(x, cpu[0], cpu[1], qmin, qmax, cpu[2], cpu[3],
-                                                  overwrite=self.overwrite_input)
+            if self._cpu_path_applies(x, cpu):
+                return self._fake_quantize_cached(x, cpu, qmin, qmax)
         return fake_quantize_range(x, self.v, self.bits, self.signed is not False, signed_axis,
                                    overwrite=self.overwrite_input)
 
@@ -369,6 +368,15 @@ class LinearQuantizer(nn.Module):
         self.set_range(v, signed)
 
     # ------------------------------------------------------------------ forward
+    def _cpu_path_applies(self, x: Tensor, cpu: tuple[float, float, float, float] | None) -> bool:
+        """Whether the cached range's CPU fast path takes ``x`` (per tensor, float32, on the CPU)."""
+        return cpu is not None and self.fast_cpu and x.dtype == torch.float32 and x.device.type == "cpu"
+
+    def _fake_quantize_cached(self, x: Tensor, cpu: tuple[float, float, float, float], qmin: int, qmax: int) -> Tensor:
+        """The CPU fast path with the cached scale, reciprocal and STE window of :meth:`_qparams`
+        (used by the calibrated path and by a running range in evaluation)."""
+        return fake_quantize_cpu_prepared(x, cpu[0], cpu[1], qmin, qmax, cpu[2], cpu[3], overwrite=self.overwrite_input)
+
     def forward(self, x: Tensor) -> Tensor:
         if self.range_source != "calibrated" and not self.observing:
             return self._forward_tracked(x)
@@ -384,9 +392,8 @@ class LinearQuantizer(nn.Module):
             zero_point = torch.zeros_like(scale, dtype=torch.int32)
         else:
             _, qmin, qmax, scale, zero_point, cpu = self._qparams()
-            if cpu is not None and self.fast_cpu and x.dtype == torch.float32 and x.device.type == "cpu":
-                return fake_quantize_cpu_prepared(x, cpu[0], cpu[1], qmin, qmax, cpu[2], cpu[3],
-                                                  overwrite=self.overwrite_input)
+            if self._cpu_path_applies(x, cpu):
+                return self._fake_quantize_cached(x, cpu, qmin, qmax)
         if self.per_channel:
             return torch.fake_quantize_per_channel_affine(x, scale, zero_point, self.ch_axis, qmin, qmax)
         return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)
