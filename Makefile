@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/supernet_step.py
 	$(PY) benchmarks/qat_step.py
 	$(PY) benchmarks/cost_eval.py
+	$(PY) benchmarks/fake_quant_speed.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache lightning_logs wandb
