@@ -40,6 +40,7 @@ from apq_lightning.final.results import (
     accuracy_vs_latency_plot,
     budget_constraints,
     budget_name,
+    close_calls,
     finalist_diagnosis,
     results_rows,
     results_table,
@@ -76,6 +77,9 @@ class Preset:
     # Finetune seeds of every finetuned method (APQ, fixed precision, sequential): paired differences to APQ
     # with their standard error. Empty: one finetune with the recipe's seed.
     finetune_seeds: tuple[int, ...] = ()
+    # Seeds added, after the baselines, to APQ and to each baseline within two standard errors of it
+    # (final.results.close_calls): the issue's "more seeds where two methods are close".
+    added_seeds: tuple[int, ...] = ()
     float_reference: bool = False  # also finetune every finetuned subnet unquantized (what quantization costs)
     needs_data: bool = True  # the recipes read a dataset given with --data (tiny: scikit-learn's digits, built in)
 
@@ -135,7 +139,7 @@ PRESETS: dict[str, Preset] = {
         "cifar", "recipes/supernet_cifar.yaml", "recipes/collect_fp.yaml", "recipes/collect_mp.yaml",
         "recipes/predictor_fp.yaml", "recipes/predictor_mp.yaml", "recipes/finetune_short.yaml",
         budgets=(0.5, 0.75, 1.0, "latency_ms=0.75+energy_mJ=0.7"), fp_samples=800, mp_samples=2000,
-        generations=500, baseline_bits="8,6,4", finetune_seeds=(0, 1, 2), float_reference=True,
+        generations=500, baseline_bits="8,6,4", finetune_seeds=(0, 1, 2), added_seeds=(3, 4), float_reference=True,
         overrides={"collect_fp": ("--model.init_args.eval_images", "2000")},
         transfer_sizes="25,50,100,all", transfer_seeds="0,1,2", transfer_epochs=150,
     ),
@@ -323,20 +327,20 @@ def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = N
                 "--plot", str(res.with_suffix(".png"))), outputs=(str(res), str(res.with_suffix(".png")))))
     finetune = (*data, *p.args("finetune"))
     seeds = p.finetune_seeds
+
+    def final_step(source: tuple[str, str], run: Path, seed: int | None, table: Path, *extra: str) -> Step:
+        """``apq final`` of a search result or subnet file (``source``) into ``run``."""
+        return Step(("final", *source, "--supernet", str(supernet_ckpt), "--recipe", p.recipe("finetune"), "--out",
+                     str(run), "--table", str(table), *finetune, *extra,
+                     *(() if seed is None else ("--seed_everything", str(seed)))), outputs=(str(run / "final.json"),))
+
     for b, res in searches:
         name = budget_name(b)
-        final = out / "final" / name
-
-        def apq_final(run: Path, seed: int | None, *extra: str, res: Path = res) -> Step:
-            return Step(("final", "--search", str(res), "--supernet", str(supernet_ckpt), "--recipe",
-                         p.recipe("finetune"), "--out", str(run), "--table", str(out / "final" / "report"), *finetune,
-                         *extra, *(() if seed is None else ("--seed_everything", str(seed)))),
-                        outputs=(str(run / "final.json"),))
-
-        runs = [apq_final(seed_run_dir(final, s, seeds), s) for s in (seeds or (None,))]
+        final, src = out / "final" / name, ("--search", str(res))
+        runs = [final_step(src, seed_run_dir(final, s, seeds), s, out / "final" / "report") for s in (seeds or (None,))]
         if p.float_reference:  # APQ's subnet unquantized, the first seed
-            runs.append(apq_final(Path(f"{final}.float"), seeds[0] if seeds else None, "--label", "APQ (float)",
-                                  "--no-onnx", "--model.policy", "float"))
+            runs.append(final_step(src, Path(f"{final}.float"), seeds[0] if seeds else None, out / "final" / "report",
+                                   "--label", "APQ (float)", "--no-onnx", "--model.policy", "float"))
         stage(f"{STAGE['7']} {name}", *runs)
     for b in p.budgets:
         name = budget_name(b)
@@ -353,7 +357,26 @@ def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = N
                     "--recipe", p.recipe("finetune"), *finetune), outputs=(str(finetuned / "baselines.json"),)),
               Step(("baselines", *common, "--methods", "largest,random", "--bits", p.baseline_bits,
                     "--out", str(predicted)), outputs=(str(predicted / "baselines.json"),)))
+    if p.added_seeds and seeds:
+        for name, methods in close_calls(results_rows(p.budgets, out, seeds)).items():
+            stage(f"more seeds {name}", *_added_seed_steps(out, name, methods, p.added_seeds, final_step))
     return times
+
+
+def _added_seed_steps(out: Path, name: str, methods: list[str], added: tuple[int, ...], final_step) -> list[Step]:
+    """Finetunes of APQ's subnet and of each close baseline's (its ``subnet.json``) with the
+    ``added`` seeds, beside their first runs, where :func:`results_rows` pairs them (accuracy
+    only: the first seeds checked the ONNX export)."""
+    final, steps = out / "final" / name, []
+    steps += [final_step(("--search", str(out / "search" / f"{name}.json")), final.with_name(f"{name}.seed{s}"), s,
+                         out / "final" / "report", "--no-onnx") for s in added]
+    doc = json.loads((out / "baselines" / name / "baselines.json").read_text())
+    for r in doc["rows"]:
+        if r["method"] in methods and r.get("final_run"):
+            run = out / "baselines" / name / "final" / Path(r["final_run"]).name
+            steps += [final_step(("--subnet", str(run / "subnet.json")), run.with_name(f"{run.name}.seed{s}"), s,
+                                 run.parent / "report", "--label", r["method"], "--no-onnx") for s in added]
+    return steps
 
 
 def collect_plots(p: Preset, out: Path) -> Path:

@@ -244,6 +244,12 @@ def table2_section(runs: Path) -> str:
                   "Δ vs APQ is the paired difference (seed k of the method minus seed k of APQ, the same test "
                   "images) with its standard error over the seeds: a margin is a result only when it is larger "
                   "than about two standard errors. float top-1: the same subnet finetuned unquantized.", ""]
+        added = sorted({s for r in results["rows"] for s in r.get("seeds", []) if s not in seeds})
+        if added:
+            lines[-1:-1] = [f"Where a baseline's paired difference to APQ was within two standard errors after these "
+                            f"seeds, both were finetuned again with seeds {', '.join(map(str, added))} (`added_seeds` "
+                            f"of the preset; n = {len(seeds) + len(added)} in those rows), and Δ pairs every seed "
+                            f"both have.", ""]
     lines.append(results_table(results["rows"]))
     if results.get("accuracy_vs_latency"):
         lines += ["", "![accuracy vs latency](cifar10/accuracy_vs_latency.png)"]

@@ -19,6 +19,7 @@ from apq_lightning.final.results import (
     budget_constraints,
     budget_label,
     budget_name,
+    close_calls,
     finalist_diagnosis,
     paired_difference,
     results_rows,
@@ -150,3 +151,64 @@ def test_figures_are_logged_to_wandb_offline(tmp_path, monkeypatch):
     assert log_images({"pipeline/fig": tmp_path / "missing.png"}, "t", tmp_path / "wb") is None
     run_dir = Path(log_images({"pipeline/fig": png}, "t", tmp_path / "wb"))
     assert run_dir.is_relative_to(tmp_path / "wb") and list(run_dir.rglob("*.png"))  # the image is in the run
+
+
+def test_added_seeds_are_paired_and_close_calls_are_the_unresolved_margins(tmp_path):
+    out, seeds, name = tmp_path, (0, 1, 2), "latency_ms=0.5"
+    apq = {0: 0.80, 1: 0.81, 2: 0.80, 3: 0.82, 4: 0.79}
+    for s, acc in apq.items():
+        _write(seed_run_dir(out / "final" / name, s, (0, 1, 2, 3, 4)) / "final.json", {"top1": acc})
+    _write(out / "final" / f"{name}.seedx" / "final.json", {"top1": 0.1})  # not a seed folder: ignored
+    close = out / "baselines" / name / "final" / "fp-search_4bit"
+    for s, acc in ((3, 0.80), (4, 0.81)):
+        _write(close.with_name(f"fp-search_4bit.seed{s}") / "final.json", {"top1": acc})
+    _write(out / "baselines" / name / "baselines.json", {"rows": [
+        {"method": "fp-search@4bit", "achieved_accs": [0.80, 0.80, 0.81], "final_run": f"elsewhere/{close.name}"},
+        {"method": "fp-search@8bit", "achieved_accs": [0.70, 0.71, 0.70], "final_run": "elsewhere/fp-search_8bit"},
+    ]})
+    apq_row, fp4, fp8 = results_rows((0.5,), out, seeds)
+    assert apq_row["seeds"] == [0, 1, 2, 3, 4]
+    assert apq_row["achieved_acc"] == pytest.approx(statistics.mean(apq.values()))
+    assert fp4["seeds"] == [0, 1, 2, 3, 4] and fp4["achieved_accs"] == [0.80, 0.80, 0.81, 0.80, 0.81]
+    diffs = [0.0, -0.01, 0.01, -0.02, 0.02]
+    assert fp4["diff_vs_apq"] == pytest.approx(0.0, abs=1e-12)
+    assert fp4["diff_se"] == pytest.approx(statistics.stdev(diffs) / math.sqrt(5))
+    # fp-search@8bit has the run's seeds only: paired over those three, not dropped for APQ's added ones
+    assert fp8["seeds"] == [0, 1, 2] and fp8["diff_vs_apq"] == pytest.approx(-0.10)
+    assert close_calls([apq_row, fp4, fp8]) == {name: ["fp-search@4bit"]}  # |0| < 2 SE; -0.10 is resolved
+    assert close_calls([{**fp8, "diff_se": None}]) == {}
+
+
+class _CloseBaselines(FakeApq):
+    """Baselines whose fp-search@8bit ties APQ's seeds (all 0.5) and whose 4-bit search is clearly behind."""
+
+    def __call__(self, args: list[str], log: Path) -> None:
+        super().__call__(args, log)
+        if args[0] == "baselines" and "--finetune" in args:
+            out = Path(args[args.index("--out") + 1])
+            rows = [{"method": "fp-search@8bit", "achieved_accs": [0.5, 0.51, 0.49],
+                     "final_run": str(out / "final" / "fp-search_8bit")},
+                    {"method": "fp-search@4bit", "achieved_accs": [0.40, 0.41, 0.40],
+                     "final_run": str(out / "final" / "fp-search_4bit")}]
+            (out / "baselines.json").write_text(json.dumps({"rows": rows}))
+
+
+def test_driver_adds_seeds_to_apq_and_to_the_close_baselines_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    fake = _CloseBaselines()
+    monkeypatch.setattr(stages, "_apq", fake)
+    p = dataclasses.replace(PRESETS["tiny"], budgets=(0.45,), finetune_seeds=(0, 1, 2), added_seeds=(3, 4))
+    run_pipeline(p, tmp_path / "out", [])
+    added = [c for c in fake.calls if c[0] == "final" and c[c.index("--seed_everything") + 1] in ("3", "4")]
+    outs = [(Path(c[c.index("--out") + 1]).name, c[c.index("--seed_everything") + 1]) for c in added]
+    assert outs == [("latency_ms=0.45.seed3", "3"), ("latency_ms=0.45.seed4", "4"),
+                    ("fp-search_8bit.seed3", "3"), ("fp-search_8bit.seed4", "4")]
+    assert all("--no-onnx" in c for c in added)
+    assert added[0][added[0].index("--search") + 1].endswith("search/latency_ms=0.45.json")
+    assert added[2][added[2].index("--subnet") + 1].endswith("fp-search_8bit/subnet.json")
+    assert added[2][added[2].index("--label") + 1] == "fp-search@8bit"
+    n = len(fake.calls)
+    run_pipeline(p, tmp_path / "out", [])  # a rerun: nothing is finetuned again
+    assert [c for c in fake.calls[n:] if c[0] == "final"] == []
+    apq_row, fp8, fp4 = results_rows(p.budgets, tmp_path / "out", p.finetune_seeds)
+    assert apq_row["seeds"] == fp8["seeds"] == [0, 1, 2, 3, 4] and fp4["seeds"] == [0, 1, 2]

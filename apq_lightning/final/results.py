@@ -98,21 +98,37 @@ def paired_difference(accs: Sequence[float], reference: Sequence[float]) -> tupl
     return statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
 
 
+def added_seeds(run_dir: Path, seeds: Sequence[int]) -> dict[int, float]:
+    """Top-1 of the finetunes beside ``run_dir`` with a seed the run did not list
+    (``<run_dir>.seed<k>``, ``k`` not in ``seeds``): the seeds the driver adds to close calls."""
+    out = {}
+    for d in run_dir.parent.glob(f"{run_dir.name}.seed*"):
+        k = d.name[len(run_dir.name) + len(".seed"):]
+        row = _final_row(d / "final.json") if k.isdigit() and int(k) not in seeds else None
+        if row is not None and row.get("top1") is not None:
+            out[int(k)] = row["top1"]
+    return dict(sorted(out.items()))
+
+
 def results_rows(budgets: Sequence[Budget], out: Path, seeds: Sequence[int] = ()) -> list[dict]:
     """Under each budget, APQ's searched subnet, then the baselines under that budget: one dict a
     row (the data of ``results.json``; :func:`results_table` renders them). ``seeds``: the
-    finetune seeds of the run (empty: one finetune with the recipe's seed)."""
+    finetune seeds of the run (empty: one finetune with the recipe's seed); seeds added later to
+    close calls (:func:`close_calls`) are found beside the runs and paired the same way."""
     rows = []
     for b in budgets:
         name = budget_name(b)
-        apq_runs = [_final_row(seed_run_dir(out / "final" / name, s, seeds) / "final.json") for s in (seeds or [None])]
-        apq_accs: list[float] = []
+        apq_dir = out / "final" / name
+        apq_runs = [_final_row(seed_run_dir(apq_dir, s, seeds) / "final.json") for s in (seeds or [None])]
+        apq_by_seed: dict[int, float] = {}
         if apq_runs[0] is not None:
             r = apq_runs[0]
-            apq_accs = [x["top1"] for x in apq_runs if x is not None]
+            if seeds:
+                apq_by_seed = {s: x["top1"] for s, x in zip(seeds, apq_runs) if x is not None}
+                apq_by_seed.update(added_seeds(apq_dir, seeds))
             flt = _final_row(out / "final" / f"{name}.float" / "final.json")
-            rows.append(_row(APQ, b, r.get("predicted_acc"), apq_accs if seeds else [r.get("top1")], r,
-                             None if flt is None else flt.get("top1")))
+            rows.append(_row(APQ, b, r.get("predicted_acc"), list(apq_by_seed.values()) if seeds else [r.get("top1")],
+                             r, None if flt is None else flt.get("top1"), list(apq_by_seed)))
         for folder in ("baselines", "baselines_predicted"):
             doc = out / folder / name / "baselines.json"
             if not doc.is_file():
@@ -121,14 +137,32 @@ def results_rows(budgets: Sequence[Budget], out: Path, seeds: Sequence[int] = ()
                 if r.get("method") == "apq":
                     continue
                 accs = r.get("achieved_accs") or ([r["achieved_acc"]] if r.get("achieved_acc") is not None else [])
-                row = _row(r.get("method", "?"), b, r.get("predicted_acc"), accs, r, r.get("float_acc"))
-                if seeds and len(apq_accs) == len(accs) == len(seeds):
-                    row["diff_vs_apq"], row["diff_se"] = paired_difference(accs, apq_accs)
+                by_seed = dict(zip(seeds, accs)) if seeds and len(accs) == len(seeds) else {}
+                if by_seed and r.get("final_run"):
+                    by_seed.update(added_seeds(out / folder / name / "final" / Path(r["final_run"]).name, seeds))
+                row = _row(r.get("method", "?"), b, r.get("predicted_acc"), list(by_seed.values()) or accs, r,
+                           r.get("float_acc"), list(by_seed))
+                common = [s for s in by_seed if s in apq_by_seed]  # the run's seeds, and added ones both have
+                if by_seed and set(seeds) <= set(common):
+                    row["diff_vs_apq"], row["diff_se"] = paired_difference([by_seed[s] for s in common],
+                                                                           [apq_by_seed[s] for s in common])
                 rows.append(row)
     return rows
 
 
-def _row(method: str, budget: Budget, pred: object, accs: Sequence[Any], r: dict, float_acc: Any) -> dict:
+def close_calls(rows: Sequence[dict]) -> dict[str, list[str]]:
+    """Per budget, the finetuned baselines whose paired difference to APQ is within two standard
+    errors (not resolved by the seeds so far): the issue's "more seeds where two methods are close"."""
+    out: dict[str, list[str]] = {}
+    for r in rows:
+        diff, se = r.get("diff_vs_apq"), r.get("diff_se")
+        if diff is not None and se is not None and abs(diff) < 2 * se:
+            out.setdefault(r["budget"], []).append(r["method"])
+    return out
+
+
+def _row(method: str, budget: Budget, pred: object, accs: Sequence[Any], r: dict, float_acc: Any,
+         seeds: Sequence[int] = ()) -> dict:
     bitops, size, search = r.get("bitops"), r.get("size_bytes"), r.get("search_wall_time_s")
     within = r.get("within_budget", True)
     status = "not runnable" if r.get("feasible") is False else ("within" if within in (True, None) else "over")
@@ -137,6 +171,7 @@ def _row(method: str, budget: Budget, pred: object, accs: Sequence[Any], r: dict
             "budget_label": budget_label(budget), "status": status, "predicted_acc": pred,
             "achieved_acc": statistics.mean(accs) if accs else None,
             "achieved_std": statistics.stdev(accs) if len(accs) > 1 else None, "achieved_accs": list(accs),
+            "seeds": list(seeds),
             "float_acc": float_acc, "diff_vs_apq": None, "diff_se": None,
             "latency_ms": r.get("latency_ms"), "energy_mJ": r.get("energy_mJ"),
             "gbitops": bitops / 1e9 if bitops else None, "size_kB": size / 1e3 if size else None,
