@@ -438,8 +438,8 @@ def run_all(p: Preset, out: Path, data: list[str], supernet: str | None = None,
         rows = results_rows(p.budgets, out, p.finetune_seeds)
         table = results_table(rows)
         figure = accuracy_vs_latency_plot(rows, out / "accuracy_vs_latency.png")
-        if figure is not None:
-            log_images({"pipeline/accuracy_vs_latency": figure}, f"pipeline_{p.name}", out)
+        fronts = {f"pipeline/search_{budget_name(b)}": out / "search" / f"{budget_name(b)}.png" for b in p.budgets}
+        log_images({"pipeline/accuracy_vs_latency": figure, **fronts}, f"pipeline_{p.name}", out)
         plots = collect_plots(p, out)
         total_times = json.loads((out / "stage_times.json").read_text())
         results = {"preset": p.name, "budgets": [budget_name(b) for b in p.budgets],

@@ -13,6 +13,7 @@ from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from apq_lightning.metrics import arch_groups, predictor_metrics
@@ -73,6 +74,9 @@ class PredictorScatter(L.Callback):
             return
         groups = groups if pl_module.predictor.quantized else None  # FP samples: one policy per architecture
         self.write(preds, targets, title=f"{pl_module.predictor._name()}, {self.split} split", groups=groups)
+        for logger in trainer.loggers:  # W&B shows the plot beside the run's curves
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key=f"predictor/scatter_{self.split}", images=[str(self.out)])
 
     def write(self, preds: torch.Tensor, targets: torch.Tensor, title: str = "",
               groups: torch.Tensor | None = None) -> dict[str, float]:

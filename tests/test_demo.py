@@ -68,6 +68,8 @@ def test_plots_folder_holds_every_kind_of_plot(demo):
     for kind in ("validation_curves", "scatter", "transfer_study", "latency_ms=0.45", "latency_ms=0.6"):
         assert any(kind in name for name in plots), (kind, plots)
     assert all((report.parent / "plots" / name).stat().st_size > 5000 for name in plots)
+    logged = {p.name.split("_")[0] for p in (report.parent / "wandb").rglob("media/images/pipeline/*.png")}
+    assert {"accuracy", "search"} <= logged, logged  # the figure and the search fronts, in the W&B run
 
 
 def test_mp_samples_are_qfa_labels_from_the_quantized_for_all_stage_1(demo):

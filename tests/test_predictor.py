@@ -657,6 +657,8 @@ def test_recipe_chain_fp_then_mp_from_the_lightning_checkpoint(tmp_path, monkeyp
     assert cli_main(_cli("predictor_fp_tiny.yaml", tmp_path, *short)) == 0
     fp_ckpt = tmp_path / "runs" / "predictor_fp_tiny" / "checkpoints" / "last.ckpt"
     assert torch.load(fp_ckpt, weights_only=True)["hyper_parameters"]["quantized"] is False
+    wandb_dir = tmp_path / "runs" / "predictor_fp_tiny" / "wandb"  # the recipe's W&B logger, offline in tests
+    assert list(wandb_dir.rglob("scatter_val*.png")), "the scatter plot is not in the W&B run"
     assert cli_main(_cli("predictor_mp_tiny.yaml", tmp_path, *short)) == 0
     mp_ckpt = tmp_path / "runs" / "predictor_mp_tiny" / "checkpoints" / "last.ckpt"
     torch.load(mp_ckpt, weights_only=True)
