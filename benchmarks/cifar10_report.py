@@ -271,6 +271,7 @@ def diagnosis_section(runs: Path) -> str:
               "(with its real bits) next to the achieved top-1 (mean over the seeds). *search*: a baseline's "
               "subnet that the predictor rates above APQ's lay in APQ's space and budget, so the joint search "
               "missed it. *predictor*: the predictor rated APQ's subnet highest and the finetune did not. "
+              "*tie*: the best baseline is within two standard errors of APQ (paired over the seeds). "
               "Pairs ordered right: the share of finalist pairs the predictor orders as the finetune does.", "",
               "| budget | APQ predicted / achieved | best baseline | its predicted / achieved | "
               "APQ's rank predicted / achieved | pairs ordered right | reading |",
@@ -319,7 +320,9 @@ def plan_section(runs: Path) -> str:
         times = {"1 supernet (from its files' times)": end.stat().st_mtime - first[0].stat().st_mtime, **times}
     if times:
         lines += ["Wall time per stage on the 2-core CPU machine, as the driver logged it (added up over the "
-                  "invocations that finished; a chunk that was killed and resumed is not counted):", "",
+                  "invocations that finished; a chunk that was killed and resumed is not counted, so a stage "
+                  "whose work was done in killed chunks, or in stores copied in, shows only the last chunk's "
+                  "minutes):", "",
                   "| stage | minutes |", "|---|---|", *(f"| {k} | {v / 60:.1f} |" for k, v in times.items())]
     per_sample = []
     for kind in ("fp", "mp"):

@@ -99,8 +99,11 @@ def test_diagnosis_names_the_search_or_the_predictor_when_apq_loses():
             row("b", APQ, 0.80, 0.79), row("b", "fp-search@6bit", 0.82, 0.80), row("b", "sequential", 0.79, 0.78),
             row("c", APQ, 0.83, 0.79), row("c", "fp-search@8bit", 0.80, 0.80), row("c", "sequential", 0.79, 0.78),
             row("c", "fp-search@4bit", 0.90, 0.95, status="over"),  # over the budget: not a finalist
-            row("d", APQ, 0.80, 0.80)]  # no baseline finetuned yet
-    a, b, c = finalist_diagnosis(rows)
+            row("d", APQ, 0.80, 0.80),  # no baseline finetuned yet
+            row("e", APQ, 0.80, 0.801), {**row("e", "fp-search@4bit", 0.77, 0.800), "diff_vs_apq": -0.001,
+                                         "diff_se": 0.001}]
+    a, b, c, e = finalist_diagnosis(rows)
+    assert e["reading"] == "tie: fp-search@4bit is within two standard errors of APQ (paired)"
     assert (a["budget"], a["reading"], a["apq_rank_achieved"]) == ("a", "APQ ahead", 1)
     assert b["reading"] == "search: the predictor rates fp-search@6bit above APQ's subnet"
     assert b["search_missed"] == ["fp-search@6bit"] and b["apq_rank_predicted"] == 2

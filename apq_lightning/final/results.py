@@ -192,7 +192,9 @@ def finalist_diagnosis(rows: Sequence[dict]) -> list[dict]:
     * ``search`` -- a baseline's subnet that the MP predictor itself rates above APQ's: it lies in
       APQ's space and under the same budget, so the joint search should have found it;
     * ``predictor`` -- the predictor rated APQ's subnet highest of the finalists and the finetune
-      did not (the predictor misorders the finalists).
+      did not (the predictor misorders the finalists);
+    * ``tie`` -- the best baseline's paired difference to APQ is within two standard errors: no
+      winner can be named, whichever mean is higher.
 
     Also the predicted and achieved rank of APQ's subnet among the finalists and the share of
     finalist pairs the predictor orders as the finetune does.
@@ -211,7 +213,10 @@ def finalist_diagnosis(rows: Sequence[dict]) -> list[dict]:
         pred = [r["predicted_acc"] for r in finalists]
         true = [r["achieved_acc"] for r in finalists]
         missed = [r["method"] for r in others if r["predicted_acc"] > apq["predicted_acc"]]
-        if apq["achieved_acc"] >= best["achieved_acc"]:
+        diff, se = best.get("diff_vs_apq"), best.get("diff_se")
+        if diff is not None and se is not None and abs(diff) < 2 * se:
+            reading = f"tie: {best['method']} is within two standard errors of APQ (paired)"
+        elif apq["achieved_acc"] >= best["achieved_acc"]:
             reading = "APQ ahead"
         elif missed:
             reading = f"search: the predictor rates {', '.join(missed)} above APQ's subnet"
