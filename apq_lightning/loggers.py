@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,20 @@ def log_images(images: Mapping[str, Path], name: str, save_dir: Path, project: s
         return None
     import wandb
 
+    loaded = {}
+    for k, v in images.items():  # a broken plot file costs its W&B entry, not the caller's results
+        try:
+            loaded[k] = wandb.Image(str(v))
+        except (OSError, ValueError) as err:
+            print(f"W&B: {v} is not a readable image ({err}); not logged", file=sys.stderr)
+    if not loaded:
+        return None
     offline = os.environ.get("WANDB_MODE") == "offline" or not wandb_logged_in()
     save_dir.mkdir(parents=True, exist_ok=True)
     run = wandb.init(project=project, name=name, dir=str(save_dir), mode="offline" if offline else "online",
                      reinit="create_new")
     try:
-        run.log({k: wandb.Image(str(v)) for k, v in images.items()})
+        run.log(loaded)
         return str(run.dir)
     finally:
         run.finish()

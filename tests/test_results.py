@@ -152,8 +152,11 @@ def test_figures_are_logged_to_wandb_offline(tmp_path, monkeypatch):
     assert log_images({"pipeline/fig": png}, "t", tmp_path / "wb") is None
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert log_images({"pipeline/fig": tmp_path / "missing.png"}, "t", tmp_path / "wb") is None
-    run_dir = Path(log_images({"pipeline/fig": png}, "t", tmp_path / "wb"))
-    assert run_dir.is_relative_to(tmp_path / "wb") and list(run_dir.rglob("*.png"))  # the image is in the run
+    broken = tmp_path / "broken.png"
+    broken.write_text("not a png")
+    assert log_images({"pipeline/broken": broken}, "t", tmp_path / "wb") is None  # skipped, named on stderr
+    run_dir = Path(log_images({"pipeline/fig": png, "pipeline/broken": broken}, "t", tmp_path / "wb"))
+    assert run_dir.is_relative_to(tmp_path / "wb") and [p.name.split("_")[0] for p in run_dir.rglob("*.png")] == ["fig"]
 
 
 def test_added_seeds_are_paired_and_close_calls_are_the_unresolved_margins(tmp_path):
