@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "cifar10_report.py"
-_spec = importlib.util.spec_from_file_location("cifar10_report", _PATH)
-report = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(report)
+from _benchmarks import load_benchmark
+
+report = load_benchmark("cifar10_report")
 
 
 def _write(path: Path, doc: object) -> None:

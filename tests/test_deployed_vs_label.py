@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
+from _benchmarks import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "deployed_vs_label.py"
-_spec = importlib.util.spec_from_file_location("deployed_vs_label", _PATH)
-dvl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(dvl)
+dvl = load_benchmark("deployed_vs_label")
 
 
 def _items(n: int, seed: int = 0) -> list[dict]:

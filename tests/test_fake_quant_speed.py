@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from _benchmarks import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "fake_quant_speed.py"
-_spec = importlib.util.spec_from_file_location("fake_quant_speed", _PATH)
-fqs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fqs)
+fqs = load_benchmark("fake_quant_speed")
 
 
 @pytest.fixture

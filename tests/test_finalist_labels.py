@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from _benchmarks import load_benchmark
 
 from apq_lightning.quant.supernet import quantize_supernet
 from apq_lightning.space import get_space
@@ -16,10 +15,7 @@ from apq_lightning.space.policy_sampling import sample_policy
 from apq_lightning.supernet import Supernet
 from apq_lightning.supernet_io import save_supernet_weights
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "finalist_labels.py"
-_spec = importlib.util.spec_from_file_location("finalist_labels", _PATH)
-fl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fl)
+fl = load_benchmark("finalist_labels")
 
 TINY = get_space("tiny")
 

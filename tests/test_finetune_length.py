@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from _benchmarks import load_benchmark
 
 from apq_lightning.final.results import APQ, seed_run_dir
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_length.py"
-_spec = importlib.util.spec_from_file_location("finetune_length", _PATH)
-fl = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fl)
+fl = load_benchmark("finetune_length")
 
 
 def _write(path: Path, doc: dict) -> None:

@@ -12,7 +12,6 @@ keeps its distillation teacher, and the check's own log reading finds a stage st
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import random
 from pathlib import Path
@@ -20,19 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _benchmarks import load_benchmark
 
 from apq_lightning.callbacks import LastCheckpoint
 from apq_lightning.modules import QATModule
 from apq_lightning.quant.subnet import clone_float
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _load_check():
-    spec = importlib.util.spec_from_file_location("pipeline_kill", ROOT / "benchmarks" / "pipeline_kill.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pipeline_kill")
 
 
 @pytest.fixture(scope="module")
