@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -363,7 +363,8 @@ def run_pipeline(p: Preset, out: Path, data: list[str], supernet: str | None = N
     return times
 
 
-def _added_seed_steps(out: Path, name: str, methods: list[str], added: tuple[int, ...], final_step) -> list[Step]:
+def _added_seed_steps(out: Path, name: str, methods: list[str], added: tuple[int, ...],
+                      final_step: Callable[..., Step]) -> list[Step]:
     """Finetunes of APQ's subnet and of each close baseline's (its ``subnet.json``) with the
     ``added`` seeds, beside their first runs, where :func:`results_rows` pairs them (accuracy
     only: the first seeds checked the ONNX export)."""
