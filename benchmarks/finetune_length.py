@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:
 
 from apq_lightning.final.results import APQ, paired_difference, results_rows  # noqa: E402
 from apq_lightning.outputs import write_json  # noqa: E402
+from apq_lightning.stages import PRESETS  # noqa: E402
 
 
 def sources(run: Path, budget: str, methods: list[str]) -> dict[str, tuple[str, str]]:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     src = sources(run, args.budget, methods)
     short = {r["method"]: dict(zip(r["seeds"], r["achieved_accs"])) for r in
-             results_rows([args.budget], run, (0, 1, 2)) if r.get("seeds")}
+             results_rows([args.budget], run, PRESETS["cifar"].finetune_seeds) if r.get("seeds")}
     long: dict[str, dict[int, float]] = {}
     for method, s in src.items():
         name = re.sub(r"[^A-Za-z0-9.-]+", "_", method).strip("_")
