@@ -42,7 +42,7 @@ def test_partial_run_page_shows_what_is_finished_and_the_diagnosis(tmp_path):
     page = (out / "cifar10.md").read_text()
     assert "**Partial: the run is still going.** These rows are read from the 6 finetunes" in page
     assert "| APQ (joint search) | 0.5 ms | 0.830 | 0.811 ± 0.001 (n=3) |" in page
-    assert "| +0.003 ± 0.001 |" in page  # the paired difference to APQ, seed by seed
+    assert "| +0.0033 ± 0.0015 |" in page  # the paired difference to APQ, seed by seed
     assert "search: the predictor rates fp-search@8bit above APQ's subnet" in page
     assert "| 0.5 ms | fp-search@8bit | 0.840 | 0.790 | +0.050 | 0.814 |" in page  # predicted, label, achieved
     assert "| largest | 0.800 | ≥ 0.85 | not met |" in page and "epoch 1 of `curves.json`" in page

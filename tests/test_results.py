@@ -84,7 +84,7 @@ def test_rows_pair_every_seed_with_apqs_and_show_the_float_reference(tmp_path):
     lines = results_table(rows).splitlines()
     assert lines[0].endswith("| Δ vs APQ (paired ± SE) | float top-1 |")
     assert lines[5].startswith("| APQ (joint search) | 0.7 ms + 0.5 mJ | 0.800 | 0.810 ± 0.010 (n=3) |")
-    assert lines[5].endswith("| - | 0.860 |") and lines[6].endswith("| -0.017 ± 0.003 | 0.850 |")
+    assert lines[5].endswith("| - | 0.860 |") and lines[6].endswith("| -0.0167 ± 0.0033 | 0.850 |")
     png = accuracy_vs_latency_plot(rows, tmp_path / "fig" / "accuracy_vs_latency.png")
     assert png is not None and png.stat().st_size > 5000
     assert accuracy_vs_latency_plot([], tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
@@ -101,8 +101,11 @@ def test_diagnosis_names_the_search_or_the_predictor_when_apq_loses():
             row("c", "fp-search@4bit", 0.90, 0.95, status="over"),  # over the budget: not a finalist
             row("d", APQ, 0.80, 0.80),  # no baseline finetuned yet
             row("e", APQ, 0.80, 0.801), {**row("e", "fp-search@4bit", 0.77, 0.800), "diff_vs_apq": -0.001,
-                                         "diff_se": 0.001}]
-    a, b, c, e = finalist_diagnosis(rows)
+                                         "diff_se": 0.001},
+            row("f", APQ, 0.80, 0.81), {**row("f", "fp-search@4bit", 0.77, 0.80), "diff_vs_apq": -0.01,
+                                        "diff_se": 0.002}]
+    a, b, c, e, f = finalist_diagnosis(rows)
+    assert f["reading"] == "APQ ahead of fp-search@4bit by 5.0 standard errors"
     assert e["reading"] == "tie: fp-search@4bit is within two standard errors of APQ (paired)"
     assert (a["budget"], a["reading"], a["apq_rank_achieved"]) == ("a", "APQ ahead", 1)
     assert b["reading"] == "search: the predictor rates fp-search@6bit above APQ's subnet"

@@ -217,7 +217,7 @@ def finalist_diagnosis(rows: Sequence[dict]) -> list[dict]:
         if diff is not None and se is not None and abs(diff) < 2 * se:
             reading = f"tie: {best['method']} is within two standard errors of APQ (paired)"
         elif apq["achieved_acc"] >= best["achieved_acc"]:
-            reading = "APQ ahead"
+            reading = "APQ ahead" + ("" if not se else f" of {best['method']} by {abs(diff) / se:.1f} standard errors")
         elif missed:
             reading = f"search: the predictor rates {', '.join(missed)} above APQ's subnet"
         else:
@@ -251,8 +251,8 @@ def _achieved(r: dict) -> str:
 def _diff(r: dict) -> str:
     if r["method"] == APQ or r["diff_vs_apq"] is None:
         return "-"
-    se = "" if r["diff_se"] is None else f" ± {r['diff_se']:.3f}"
-    return f"{r['diff_vs_apq']:+.3f}{se}"
+    se = "" if r["diff_se"] is None else f" ± {r['diff_se']:.4f}"  # 4 places: SEs of 0.0005 decide ties
+    return f"{r['diff_vs_apq']:+.4f}{se}"
 
 
 def results_table(rows: list[dict]) -> str:
