@@ -98,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             d, se = paired_difference([accs[k] for k in ks], [ref[k] for k in ks])
             mean = statistics.mean(accs[k] for k in ks) if ks else math.nan
             cells.append((mean, d, se))
-        result["methods"][method] = {"short": cells[0], "long": cells[1], "long_accs": long[method]}
+        result["methods"][method] = {
+            **{length: {"mean": mean, "diff_vs_apq": None if method == APQ else d, "diff_se": None if method == APQ
+                        else se} for length, (mean, d, se) in zip(("short", "long"), cells)},
+            "short_accs": {k: short.get(method, {}).get(k) for k in seeds}, "long_accs": long[method]}
         deltas = ["-" if method == APQ else _delta(d, se) for _, d, se in cells]
         print(f"| {method} | {100 * cells[0][0]:.2f} | {100 * cells[1][0]:.2f} | {deltas[0]} | {deltas[1]} |")
     write_json(args.out / args.budget / f"finetune_length_{args.steps}.json", result)

@@ -41,8 +41,9 @@ def test_longer_finetunes_are_paired_with_apqs_and_bad_methods_are_named(tmp_pat
     assert calls[2][0] == ("--subnet", str(run / "baselines" / budget / "final" / "fp-search_4bit" / "subnet.json"))
     res = json.loads((tmp_path / "long" / budget / "finetune_length_900.json").read_text())
     short, long = res["methods"]["fp-search@4bit"]["short"], res["methods"]["fp-search@4bit"]["long"]
-    assert short[1] == pytest.approx(-0.01) and short[2] == pytest.approx(0.0)  # seeds 0, 1 of the run: -1, -1 points
-    assert long[0] == pytest.approx(0.8405) and long[1] == pytest.approx(0.02)  # a 2-point lead when longer
+    assert short["diff_vs_apq"] == pytest.approx(-0.01) and short["diff_se"] == pytest.approx(0.0)  # -1, -1 points
+    assert long["mean"] == pytest.approx(0.8405) and long["diff_vs_apq"] == pytest.approx(0.02)  # 2 points ahead
+    assert res["methods"]["APQ (joint search)"]["long"]["diff_vs_apq"] is None
     assert "| fp-search@4bit | 79.50 | 84.05 | -1.00 ± 0.00 | +2.00 ± 0.00 |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no finetuned baseline of that name.*there: fp-search@4bit"):
         fl.main([*base, "--methods", "fp-search@6bit"])
