@@ -378,6 +378,17 @@ def test_baselines_finetune_adds_achieved_accuracy(assets, tmp_path):
     assert flt["inputs"]["overrides"][-2:] == ["--model.policy", "float"] and flt["method"] == "sequential (float)"
     table = (seeded / "baselines.md").read_text()
     assert "achieved_std" in table and "float_acc" in table
+    # The pipeline's added seeds finetune a baseline's subnet again through `apq final --subnet`;
+    # that pairs with the baseline's own runs only if the same seed gives the same network.
+    again = tmp_path / "again"
+    assert cli_main(["final", "--subnet", str(seeded / "final" / "sequential" / "subnet.json"), "--supernet",
+                     str(assets["supernet"]), "--recipe", str(TINY_RECIPE), "--out", str(again), "--label",
+                     "sequential", "--no-onnx", "--weights", "best", *_fast(again), "--seed_everything", "1"]) == 0
+    rerun = json.loads((again / "final.json").read_text())
+    assert rerun["top1"] == seed1["top1"] and rerun["subnet"] == seed1["subnet"]
+    a, b = (torch.load(d / "quantized.pt", weights_only=True)["state_dict"] for d in
+            (again, seeded / "final" / "sequential.seed1"))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # nested: weights and quantizer ranges
 
 
 def test_final_refuses_an_unrunnable_or_over_budget_subnet_before_training(assets, tmp_path, capsys):
