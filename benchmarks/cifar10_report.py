@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -106,6 +107,9 @@ def shipped_supernet_section(curves_path: Path, float_epochs: int, dest: Path) -
         lines.append(f"| {k} | {_f(v)} | ≥ {goal:.2f} | {'met' if v is not None and v >= goal else 'not met'} |")
     if accs:
         lines += ["", f"Random subnets: std {statistics.pstdev(accs):.3f}, min {min(accs):.3f}, max {max(accs):.3f}."]
+    figure = curves_path.with_suffix(".png")  # the curves' plot, where the study keeps it beside them
+    if figure.is_file():
+        lines += ["", f"![supernet validation curves]({Path(os.path.relpath(figure, dest.parent)).as_posix()})"]
     return "\n".join(lines)
 
 

@@ -92,18 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"| method | 300 steps | {args.steps} steps | Δ vs APQ at 300 | Δ vs APQ at {args.steps} |")
     print("|---|---|---|---|---|")
     for method in src:
-        cells = []
-        for accs, ref in ((short.get(method, {}), short.get(APQ, {})), (long[method], long[APQ])):
+        cells, runs = {}, {"short": (short.get(method, {}), short.get(APQ, {})), "long": (long[method], long[APQ])}
+        for length, (accs, ref) in runs.items():
             ks = [k for k in seeds if k in accs and k in ref]
-            d, se = paired_difference([accs[k] for k in ks], [ref[k] for k in ks])
-            mean = statistics.mean(accs[k] for k in ks) if ks else math.nan
-            cells.append((mean, d, se))
-        result["methods"][method] = {
-            **{length: {"mean": mean, "diff_vs_apq": None if method == APQ else d, "diff_se": None if method == APQ
-                        else se} for length, (mean, d, se) in zip(("short", "long"), cells)},
-            "short_accs": {k: short.get(method, {}).get(k) for k in seeds}, "long_accs": long[method]}
-        deltas = ["-" if method == APQ else _delta(d, se) for _, d, se in cells]
-        print(f"| {method} | {100 * cells[0][0]:.2f} | {100 * cells[1][0]:.2f} | {deltas[0]} | {deltas[1]} |")
+            d, se = (None, None) if method == APQ else paired_difference([accs[k] for k in ks], [ref[k] for k in ks])
+            cells[length] = {"mean": statistics.mean(accs[k] for k in ks) if ks else math.nan, "diff_vs_apq": d,
+                             "diff_se": se}
+        result["methods"][method] = {**cells, "short_accs": {k: short.get(method, {}).get(k) for k in seeds},
+                                     "long_accs": long[method]}
+        deltas = [_delta(c["diff_vs_apq"], c["diff_se"]) for c in cells.values()]
+        print(f"| {method} | {100 * cells['short']['mean']:.2f} | {100 * cells['long']['mean']:.2f} | "
+              f"{deltas[0]} | {deltas[1]} |")
     write_json(args.out / args.budget / f"finetune_length_{args.steps}.json", result)
     return 0
 

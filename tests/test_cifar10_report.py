@@ -37,6 +37,7 @@ def test_partial_run_page_shows_what_is_finished_and_the_diagnosis(tmp_path):
         "fp-search@8bit": {"predicted": 0.84, "qfa_label": 0.79}}}})  # benchmarks/finalist_labels.py's file
     curves = [{"epoch": e, "val/acc_largest": 0.8, "val/acc_smallest": 0.7} for e in range(3)]
     _write(tmp_path / "curves.json", curves)
+    (tmp_path / "curves.png").write_bytes(b"\x89PNG")  # the curves' plot beside them: linked from the page
     assert report.main(["--runs", str(tmp_path / "study"), "--out", str(out), "--supernet-curves",
                         str(tmp_path / "curves.json"), "--float-epochs", "2"]) == 0
     page = (out / "cifar10.md").read_text()
@@ -46,4 +47,5 @@ def test_partial_run_page_shows_what_is_finished_and_the_diagnosis(tmp_path):
     assert "search: the predictor rates fp-search@8bit above APQ's subnet" in page
     assert "| 0.5 ms | fp-search@8bit | 0.840 | 0.790 | +0.050 | 0.814 |" in page  # predicted, label, achieved
     assert "| largest | 0.800 | ≥ 0.85 | not met |" in page and "epoch 1 of `curves.json`" in page
+    assert "![supernet validation curves](../curves.png)" in page  # relative to the page in out/
     assert (out / "cifar10" / "accuracy_vs_latency.png").stat().st_size > 5000  # the partial run's figure too

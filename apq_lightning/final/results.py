@@ -150,14 +150,19 @@ def results_rows(budgets: Sequence[Budget], out: Path, seeds: Sequence[int] = ()
     return rows
 
 
+def is_close_call(row: dict) -> bool:
+    """A row whose paired difference to APQ is within two standard errors: no winner can be named
+    from its seeds (the one rule behind :func:`close_calls` and the diagnosis's "tie")."""
+    diff, se = row.get("diff_vs_apq"), row.get("diff_se")
+    return diff is not None and se is not None and abs(diff) < 2 * se
+
+
 def close_calls(rows: Sequence[dict]) -> dict[str, list[str]]:
     """Per budget, the finetuned baselines whose paired difference to APQ is within two standard
     errors (not resolved by the seeds so far): the issue's "more seeds where two methods are close"."""
     out: dict[str, list[str]] = {}
-    for r in rows:
-        diff, se = r.get("diff_vs_apq"), r.get("diff_se")
-        if diff is not None and se is not None and abs(diff) < 2 * se:
-            out.setdefault(r["budget"], []).append(r["method"])
+    for r in filter(is_close_call, rows):
+        out.setdefault(r["budget"], []).append(r["method"])
     return out
 
 
@@ -214,7 +219,7 @@ def finalist_diagnosis(rows: Sequence[dict]) -> list[dict]:
         true = [r["achieved_acc"] for r in finalists]
         missed = [r["method"] for r in others if r["predicted_acc"] > apq["predicted_acc"]]
         diff, se = best.get("diff_vs_apq"), best.get("diff_se")
-        if diff is not None and se is not None and abs(diff) < 2 * se:
+        if is_close_call(best):
             reading = f"tie: {best['method']} is within two standard errors of APQ (paired)"
         elif apq["achieved_acc"] >= best["achieved_acc"]:
             reading = "APQ ahead" + ("" if not se else f" of {best['method']} by {abs(diff) / se:.1f} standard errors")
