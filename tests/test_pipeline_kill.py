@@ -26,13 +26,9 @@ from apq_lightning.modules import QATModule
 from apq_lightning.quant.subnet import clone_float
 
 
-def _load_check():
-    return load_benchmark("pipeline_kill")
-
-
 @pytest.fixture(scope="module")
 def check():
-    return _load_check()
+    return load_benchmark("pipeline_kill")
 
 
 @pytest.fixture(scope="module")
